@@ -1,0 +1,6 @@
+"""A local Kubernetes control plane and Prometheus for birdwatch's tests, sandbox, demo and benchmark.
+
+Like controller-runtime's envtest: real etcd and kube-apiserver processes (built from pinned Go modules by
+``hack/install-control-plane.sh``) on free loopback ports, with TLS, a client-certificate admin, service-account
+keys and RBAC; and a real Prometheus scraping exporters the tests control.
+"""

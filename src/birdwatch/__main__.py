@@ -1,0 +1,7 @@
+"""``python -m birdwatch``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The watch loop: LIST the BirdWatches, WATCH from the list's resourceVersion, hand every change to the registry.
+
+It keeps the last resourceVersion it saw (bookmarks included); when the server says 410 Gone it LISTs again and
+reconciles what changed while it was away; a broken or silent stream is re-opened with backoff. One loop per watched
+scope (all namespaces, or each namespace given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from .kube import BIRDWATCHES, Gone, Kube, KubeError
+from .registry import Key, Registry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchSettings:
+    timeout_seconds: int = 300  # the server ends each watch after this; we re-open from the same point
+    read_timeout: float = 90.0  # bookmarks come about every minute, so longer silence is a dead connection
+    backoff_max: float = 30.0
+
+
+class Watcher:
+    """Feeds one scope's BirdWatch events into the registry until cancelled."""
+
+    def __init__(
+        self, kube: Kube, registry: Registry, *, namespace: str | None, settings: WatchSettings = WatchSettings()
+    ) -> None:
+        self._kube = kube
+        self._registry = registry
+        self._namespace = namespace
+        self._settings = settings
+        self.established = asyncio.Event()  # set once the first LIST has been reconciled
+        self.relists = 0
+
+    def _in_scope(self) -> Callable[[Key], bool]:
+        namespace = self._namespace
+        return lambda key: namespace is None or key[0] == namespace
+
+    async def run(self) -> None:
+        scope = self._namespace or "all namespaces"
+        failures = 0
+        resource_version: str | None = None
+        while True:
+            try:
+                if resource_version is None:
+                    items, resource_version = await self._kube.list(BIRDWATCHES, self._namespace)
+                    for item in items:  # LIST items carry no apiVersion/kind of their own
+                        item.setdefault("apiVersion", BIRDWATCHES.api_version)
+                        item.setdefault("kind", BIRDWATCHES.kind)
+                    self._registry.sync(items, scope=self._in_scope())
+                    self.relists += 1
+                    self.established.set()
+                    log.info("listed birdwatches", scope=scope, count=len(items), resource_version=resource_version)
+                async for event in self._kube.watch(
+                    BIRDWATCHES,
+                    self._namespace,
+                    resource_version=resource_version,
+                    timeout_seconds=self._settings.timeout_seconds,
+                    read_timeout=self._settings.read_timeout,
+                ):
+                    failures = 0
+                    obj = event.object
+                    resource_version = obj.get("metadata", {}).get("resourceVersion") or resource_version
+                    if event.type == "BOOKMARK":
+                        continue
+                    if event.type in ("ADDED", "MODIFIED"):
+                        self._registry.observe(obj)
+                    elif event.type == "DELETED":
+                        self._registry.forget(obj["metadata"]["namespace"], obj["metadata"]["name"])
+                    else:
+                        log.warning("unknown watch event type; skipped", type=event.type)
+            except Gone:
+                log.info("watch expired (410 Gone); listing again", scope=scope)
+                resource_version = None
+            except KubeError as exc:
+                failures += 1
+                delay = min(self._settings.backoff_max, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)  # noqa: S311
+                log.warning("watch failed; reconnecting", scope=scope, error=str(exc), delay=round(delay, 2))
+                if exc.status in (401, 403, 404):
+                    # Credentials, RBAC or a missing CRD: a fresh LIST says which, loudly, on the next round.
+                    resource_version = None
+                await asyncio.sleep(delay)

@@ -1,0 +1,60 @@
+"""birdwatch's own Prometheus metrics, in a registry of their own (no process-global state)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .spec import Phase
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("namespace", "name")
+        self.canary_weight = Gauge(
+            "birdwatch_canary_weight", "Canary traffic weight in percent", labels, registry=self.registry
+        )
+        self.canary_phase = Gauge(
+            "birdwatch_canary_phase",
+            "1 for the phase a canary is in, 0 for the others",
+            (*labels, "phase"),
+            registry=self.registry,
+        )
+        self.metric_value = Gauge(
+            "birdwatch_metric_value", "Last value of the canary's health metric", labels, registry=self.registry
+        )
+        self.baseline_value = Gauge(
+            "birdwatch_baseline_value", "Baseline of the canary's health metric", labels, registry=self.registry
+        )
+        self.rollouts = Counter(
+            "birdwatch_rollouts", "Rollouts ended, by result (phase)", ("result",), registry=self.registry
+        )
+        self.prometheus_errors = Counter(
+            "birdwatch_prometheus_errors", "Failed Prometheus queries (each attempt)", registry=self.registry
+        )
+        self.step_lateness = Histogram(
+            "birdwatch_step_lateness_seconds",
+            "How late a traffic step was against its interval",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.leader = Gauge("birdwatch_leader", "1 while this replica leads", registry=self.registry)
+        self.canaries = Gauge("birdwatch_canaries", "Canary tasks running", registry=self.registry)
+
+    def phase(self, namespace: str, name: str, phase: Phase) -> None:
+        for p in Phase:
+            self.canary_phase.labels(namespace, name, p.value).set(1 if p is phase else 0)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted BirdWatch's series, so thousands of past canaries do not grow the registry."""
+        for gauge in (self.canary_weight, self.metric_value, self.baseline_value):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
+        for p in Phase:
+            with contextlib.suppress(KeyError):
+                self.canary_phase.remove(namespace, name, p.value)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

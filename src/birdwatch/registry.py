@@ -1,0 +1,198 @@
+"""The canary tasks: one per BirdWatch being carried out, held by strong references, each on its own.
+
+The watch loop tells the registry what it sees; the registry starts, replaces and stops tasks. One task's crash
+never touches another: it is logged and the task restarted with backoff (it resumes from its record). It also
+keeps the last seen copy of every BirdWatch, which canaries consult to tell whether another BirdWatch still owns a
+VirtualService.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .kube import Obj
+from .spec import Phase
+
+log = structlog.get_logger(__name__)
+
+Key = tuple[str, str]
+CanaryFactory = Callable[[Obj, asyncio.Event], Coroutine[Any, Any, Phase | None]]
+RESTART_BACKOFF = (1.0, 5.0, 15.0, 60.0)
+
+
+def key_of(obj: Obj) -> Key:
+    return obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+
+@dataclass(eq=False)
+class Entry:
+    uid: str
+    generation: int
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[Phase | None] | None = None
+    crashes: int = 0
+
+
+class Registry:
+    def __init__(
+        self, factory: CanaryFactory, *, grace: float = 10.0, on_forget: Callable[[str, str], None] | None = None
+    ) -> None:
+        self._factory = factory
+        self._grace = grace
+        self._on_forget = on_forget
+        self._entries: dict[Key, Entry] = {}
+        self._objects: dict[Key, Obj] = {}
+        # (uid, generation) whose rollout ended here: later echoes of our own status writes must not restart it.
+        self._finished: dict[Key, tuple[str, int]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def owner(self, namespace: str, name: str) -> Obj | None:
+        return self._objects.get((namespace, name))
+
+    def tasks(self) -> list[asyncio.Task[Phase | None]]:
+        return [e.task for e in self._entries.values() if e.task is not None]
+
+    # --- what the watch saw -----------------------------------------------------------------------------------
+
+    def observe(self, obj: Obj) -> None:
+        if self._closed:
+            return
+        key = key_of(obj)
+        meta = obj["metadata"]
+        uid, generation = str(meta.get("uid", "")), int(meta.get("generation", 1))
+        self._objects[key] = obj
+        entry = self._entries.get(key)
+        if entry is not None and entry.uid == uid and entry.generation == generation:
+            return  # our own status write coming back, or a label change: nothing to do
+        if self._finished.get(key) == (uid, generation):
+            return
+        status = obj.get("status") or {}
+        if (
+            entry is None
+            and status.get("observedGeneration") == generation
+            and status.get("phase") in {p.value for p in Phase if p.terminal}
+        ):
+            self._finished[key] = (uid, generation)
+            return
+        self._finished.pop(key, None)
+        new = Entry(uid, generation)
+        self._entries[key] = new
+        previous = entry.task if entry is not None else None
+        if entry is not None:
+            entry.stop.set()
+            log.info(
+                "birdwatch changed; replacing its canary task",
+                namespace=key[0],
+                birdwatch=key[1],
+                generation=generation,
+            )
+        self._launch(key, new, obj, after=previous)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The BirdWatch was deleted: stop its task, leave the traffic where it is."""
+        key = (namespace, name)
+        self._objects.pop(key, None)
+        self._finished.pop(key, None)
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            log.info(
+                "birdwatch deleted; stopping its canary task (traffic stays as it is)",
+                namespace=namespace,
+                birdwatch=name,
+            )
+            self._retire(entry)
+        if self._on_forget is not None:
+            self._on_forget(namespace, name)
+
+    def sync(self, objs: list[Obj], *, scope: Callable[[Key], bool]) -> None:
+        """After a LIST: forget what vanished (within this watcher's scope) while we were not watching."""
+        present = {key_of(o) for o in objs}
+        for key in [k for k in self._objects if scope(k) and k not in present]:
+            self.forget(*key)
+        for obj in objs:
+            self.observe(obj)
+
+    # --- the tasks --------------------------------------------------------------------------------------------
+
+    def _launch(
+        self, key: Key, entry: Entry, obj: Obj, *, after: asyncio.Task[Phase | None] | None, delay: float = 0.0
+    ) -> None:
+        async def carry_out() -> Phase | None:
+            if after is not None:
+                await self._wait_retired(after)
+            if delay:
+                await asyncio.sleep(delay)
+            return await self._factory(obj, entry.stop)
+
+        task = asyncio.create_task(carry_out(), name=f"canary {key[0]}/{key[1]} gen {entry.generation}")
+        entry.task = task
+        task.add_done_callback(lambda t: self._done(key, entry, obj, t))
+
+    def _done(self, key: Key, entry: Entry, obj: Obj, task: asyncio.Task[Phase | None]) -> None:
+        current = self._entries.get(key) is entry
+        if task.cancelled():
+            if current:
+                self._entries.pop(key, None)
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error(
+                "canary task crashed", namespace=key[0], birdwatch=key[1], exc_info=(type(exc), exc, exc.__traceback__)
+            )
+            if current and not self._closed and not entry.stop.is_set():
+                delay = RESTART_BACKOFF[min(entry.crashes, len(RESTART_BACKOFF) - 1)]
+                entry.crashes += 1
+                # Its record on the VirtualService lets the new task resume where this one died.
+                self._launch(key, entry, self._objects.get(key, obj), after=None, delay=delay)
+            elif current:
+                self._entries.pop(key, None)
+            return
+        if current:
+            self._entries.pop(key, None)
+            phase = task.result()
+            if phase is not None and phase.terminal:
+                self._finished[key] = (entry.uid, entry.generation)
+
+    def _retire(self, entry: Entry) -> None:
+        entry.stop.set()
+        if entry.task is not None and not entry.task.done():
+            waiter = asyncio.create_task(self._wait_retired(entry.task))
+            self._stopping.add(waiter)
+            waiter.add_done_callback(self._stopping.discard)
+
+    async def _wait_retired(self, task: asyncio.Task[Phase | None]) -> None:
+        """Give a stopping task the grace period to reach a safe point, then cancel it."""
+        done, _ = await asyncio.wait({task}, timeout=self._grace)
+        if not done:
+            log.warning("canary task did not stop within the grace period; cancelling it", task=task.get_name())
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def close(self) -> None:
+        """Stop every task: ask, wait up to the grace period, then cancel what still runs."""
+        self._closed = True
+        entries = list(self._entries.values())
+        self._entries.clear()
+        for entry in entries:
+            entry.stop.set()
+        tasks = [e.task for e in entries if e.task is not None and not e.task.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._grace)
+            for task in pending:
+                log.warning("canary task did not stop in time; cancelling it", task=task.get_name())
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        if self._stopping:
+            await asyncio.wait(set(self._stopping), timeout=self._grace + 2.0)

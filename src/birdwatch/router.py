@@ -1,0 +1,300 @@
+"""Traffic: reads and rewrites the weights of an Istio VirtualService (and the subsets of its DestinationRule).
+
+Two conventions are understood. Named subsets ``production`` and ``canary`` (the original birdwatch's), where
+promotion repoints ``production`` at the canary's version; and subsets named after versions (``v03``, ``v04``),
+where promotion leaves the canary's subset at 100. Every HTTP route that sends traffic to the production subset is
+rewritten in one conditional merge-patch, so no reader ever sees routes that disagree; nothing else in the objects
+is touched. Each write also records the rollout's progress in one annotation on the VirtualService, atomically with
+the weights it describes, so a restarted birdwatch knows exactly which step was applied and when.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .kube import DESTINATIONRULES, VIRTUALSERVICES, Conflict, Kube, NotFound, Obj
+
+RECORD_ANNOTATION = "birdwatch.otomato.link/rollout"
+VERSION_LABEL = "version"
+NAMED_PRODUCTION, NAMED_CANARY = "production", "canary"
+MAX_CONFLICT_RETRIES = 5
+
+
+class RouteError(Exception):
+    """The VirtualService or DestinationRule cannot carry this canary; the message says what is missing."""
+
+
+class AlreadyManaged(RouteError):
+    """Another BirdWatch's rollout holds the VirtualService."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """The rollout's progress as written beside the weights (annotation ``birdwatch.otomato.link/rollout``)."""
+
+    birdwatch: str
+    uid: str
+    generation: int
+    canary: str
+    weight: int
+    baseline: float | None = None
+    step_time: str | None = None  # RFC 3339, when ``weight`` was written
+    done: bool = False  # the rollout ended (promoted, rolled back or failed): the VirtualService is free again
+    metric: str | None = None  # digest of the metric query the baseline was taken with
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, obj: Obj) -> Record | None:
+        raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(RECORD_ANNOTATION)
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+            return cls(
+                birdwatch=str(data["birdwatch"]),
+                uid=str(data["uid"]),
+                generation=int(data["generation"]),
+                canary=str(data["canary"]),
+                weight=int(data["weight"]),
+                baseline=None if data.get("baseline") is None else float(data["baseline"]),
+                step_time=data.get("step_time"),
+                done=bool(data.get("done", False)),
+                metric=data.get("metric"),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None  # hand-edited or foreign: treated as absent, and overwritten by the next write
+
+
+@dataclass(frozen=True)
+class Subsets:
+    production: str
+    canary: str
+    named: bool  # the production/canary convention
+
+
+def _destinations(route: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(route.get("route") or [])
+
+
+def _subset(dest: dict[str, Any]) -> str | None:
+    return (dest.get("destination") or {}).get("subset")
+
+
+def _weight(dest: dict[str, Any], alone: bool) -> int:
+    # Istio: a lone destination without a weight gets all the traffic.
+    return int(dest.get("weight", 100 if alone else 0))
+
+
+def detect_subsets(vs: Obj, dr: Obj, canary_version: str) -> Subsets:
+    http = (vs.get("spec") or {}).get("http") or []
+    dr_subsets = {s.get("name") for s in (dr.get("spec") or {}).get("subsets") or []}
+    named_in_vs = any(_subset(d) == NAMED_PRODUCTION for r in http for d in _destinations(r))
+    if NAMED_PRODUCTION in dr_subsets or named_in_vs:
+        if NAMED_PRODUCTION not in dr_subsets:
+            raise RouteError(f"DestinationRule {_name(dr)} has no subset {NAMED_PRODUCTION}")
+        if not named_in_vs:
+            raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {NAMED_PRODUCTION}")
+        return Subsets(NAMED_PRODUCTION, NAMED_CANARY, named=True)
+    serving = sorted(
+        {
+            s
+            for r in http
+            for d in _destinations(r)
+            if (s := _subset(d)) and s != canary_version and _weight(d, len(_destinations(r)) == 1) > 0
+        }
+    )
+    if not serving:
+        raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to a production subset")
+    if len(serving) > 1:
+        raise RouteError(
+            f"VirtualService {_name(vs)} sends traffic to several subsets ({', '.join(serving)}): cannot tell "
+            "which is production; route to one, or name the subsets production and canary"
+        )
+    if serving[0] not in dr_subsets:
+        raise RouteError(f"DestinationRule {_name(dr)} has no subset {serving[0]}")
+    return Subsets(serving[0], canary_version, named=False)
+
+
+def managed_routes(http: list[dict[str, Any]], subsets: Subsets) -> list[int]:
+    return [i for i, r in enumerate(http) if any(_subset(d) == subsets.production for d in _destinations(r))]
+
+
+def canary_weight(vs: Obj, subsets: Subsets) -> int:
+    """The canary's weight as the VirtualService has it now (of the first managed route)."""
+    http = (vs.get("spec") or {}).get("http") or []
+    for i in managed_routes(http, subsets):
+        dests = _destinations(http[i])
+        for d in dests:
+            if _subset(d) == subsets.canary:
+                return _weight(d, len(dests) == 1)
+        return 0
+    return 0
+
+
+def weighted_http(vs: Obj, subsets: Subsets, canary: int) -> list[dict[str, Any]]:
+    """All of ``spec.http`` with the canary at ``canary`` percent and production at the rest in every managed
+    route (adding a canary destination beside production where there is none). Other routes, and every other
+    field of the managed ones, are returned as they were."""
+    if not 0 <= canary <= 100:
+        raise ValueError(f"canary weight {canary} outside 0..100")
+    http = copy.deepcopy((vs.get("spec") or {}).get("http") or [])
+    indices = managed_routes(http, subsets)
+    if not indices:
+        raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {subsets.production}")
+    for i in indices:
+        dests = _destinations(http[i])
+        production = next(d for d in dests if _subset(d) == subsets.production)
+        for d in dests:
+            other = _subset(d) not in (subsets.production, subsets.canary)
+            if other and _weight(d, len(dests) == 1) > 0:
+                raise RouteError(
+                    f"HTTP route {http[i].get('name') or i} of VirtualService {_name(vs)} also sends traffic to "
+                    f"subset {_subset(d)}; birdwatch only splits between {subsets.production} and {subsets.canary}"
+                )
+        if not any(_subset(d) == subsets.canary for d in dests):
+            dest = copy.deepcopy(production)
+            dest["destination"]["subset"] = subsets.canary
+            dest.pop("headers", None)
+            dests.append(dest)
+        for d in dests:
+            if _subset(d) == subsets.production:
+                d["weight"] = 100 - canary
+            elif _subset(d) == subsets.canary:
+                d["weight"] = canary
+            else:
+                d["weight"] = 0
+        http[i]["route"] = dests
+    return http
+
+
+def subsets_with_canary(dr: Obj, subsets: Subsets, canary_version: str) -> list[dict[str, Any]] | None:
+    """DestinationRule subsets with one for the canary pointing at ``canary_version`` (copied from production's
+    when missing); None when nothing needs to change."""
+    current = (dr.get("spec") or {}).get("subsets") or []
+    new = copy.deepcopy(current)
+    production = next(s for s in new if s.get("name") == subsets.production)
+    canary = next((s for s in new if s.get("name") == subsets.canary), None)
+    if canary is None:
+        canary = copy.deepcopy(production)
+        canary["name"] = subsets.canary
+        new.append(canary)
+    labels = canary.setdefault("labels", {})
+    labels[VERSION_LABEL] = canary_version
+    return None if new == current else new
+
+
+def subsets_promoted(dr: Obj, subsets: Subsets, canary_version: str) -> list[dict[str, Any]] | None:
+    """Named convention: the production subset now selects the canary's version."""
+    current = (dr.get("spec") or {}).get("subsets") or []
+    new = copy.deepcopy(current)
+    production = next(s for s in new if s.get("name") == subsets.production)
+    production.setdefault("labels", {})[VERSION_LABEL] = canary_version
+    return None if new == current else new
+
+
+def _name(obj: Obj) -> str:
+    return str((obj.get("metadata") or {}).get("name", "?"))
+
+
+class Router:
+    """One canary's handle on its VirtualService and DestinationRule.
+
+    It keeps the last VirtualService it read or wrote, so a step costs one PATCH and no GET; a conflict
+    (someone else edited the object) means one GET, the weights reapplied to what is there now, and a retry.
+    """
+
+    def __init__(self, kube: Kube, *, namespace: str, service: str, canary_version: str) -> None:
+        self._kube = kube
+        self.namespace = namespace
+        self.service = service
+        self.canary_version = canary_version
+        self.vs: Obj = {}
+        self.dr: Obj = {}
+        self.subsets: Subsets | None = None
+        self._stale_claims: set[str] = set()
+
+    def accept_claim_of(self, uid: str) -> None:
+        """Another BirdWatch's record on the VirtualService may be overwritten: that rollout is over or gone."""
+        self._stale_claims.add(uid)
+
+    async def inspect(self) -> tuple[Subsets, Record | None]:
+        """Read both objects and check they can carry the canary. Raises RouteError naming what is missing."""
+        try:
+            self.vs = await self._kube.get(VIRTUALSERVICES, self.namespace, self.service)
+        except NotFound:
+            raise RouteError(f"VirtualService {self.service} not found in namespace {self.namespace}") from None
+        try:
+            self.dr = await self._kube.get(DESTINATIONRULES, self.namespace, self.service)
+        except NotFound:
+            raise RouteError(f"DestinationRule {self.service} not found in namespace {self.namespace}") from None
+        self.subsets = detect_subsets(self.vs, self.dr, self.canary_version)
+        weighted_http(self.vs, self.subsets, canary_weight(self.vs, self.subsets))  # raises on foreign splits
+        return self.subsets, Record.parse(self.vs)
+
+    @property
+    def weight(self) -> int:
+        assert self.subsets is not None
+        return canary_weight(self.vs, self.subsets)
+
+    @property
+    def record(self) -> Record | None:
+        return Record.parse(self.vs)
+
+    async def prepare_destination_rule(self) -> bool:
+        """Make sure the canary subset exists and selects the canary's version. True if it wrote."""
+        assert self.subsets is not None
+        return await self._patch_dr(lambda dr: subsets_with_canary(dr, self.subsets, self.canary_version))
+
+    async def promote_destination_rule(self) -> bool:
+        assert self.subsets is not None
+        return await self._patch_dr(lambda dr: subsets_promoted(dr, self.subsets, self.canary_version))
+
+    async def _patch_dr(self, change: Any) -> bool:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            subsets = change(self.dr)
+            if subsets is None:
+                return False
+            patch = {
+                "metadata": {"resourceVersion": self.dr["metadata"]["resourceVersion"]},
+                "spec": {"subsets": subsets},
+            }
+            try:
+                self.dr = await self._kube.merge_patch(DESTINATIONRULES, self.namespace, self.service, patch)
+                return True
+            except Conflict:
+                self.dr = await self._kube.get(DESTINATIONRULES, self.namespace, self.service)
+        raise Conflict(409, "Conflict", f"DestinationRule {self.service} kept changing; gave up after retries")
+
+    async def write(self, canary: int, record: Record) -> None:
+        """Set the canary's weight in every managed route and the record beside it, in one conditional write."""
+        assert self.subsets is not None
+        for _ in range(MAX_CONFLICT_RETRIES):
+            patch = {
+                "metadata": {
+                    "resourceVersion": self.vs["metadata"]["resourceVersion"],
+                    "annotations": {RECORD_ANNOTATION: record.to_json()},
+                },
+                "spec": {"http": weighted_http(self.vs, self.subsets, canary)},
+            }
+            try:
+                self.vs = await self._kube.merge_patch(VIRTUALSERVICES, self.namespace, self.service, patch)
+                return
+            except Conflict:
+                try:
+                    self.vs = await self._kube.get(VIRTUALSERVICES, self.namespace, self.service)
+                except NotFound:
+                    raise RouteError(f"VirtualService {self.service} was deleted during the rollout") from None
+                # Someone else wrote. If it was another BirdWatch claiming the object, it got there first.
+                theirs = Record.parse(self.vs)
+                if theirs and theirs.uid != record.uid and not theirs.done and theirs.uid not in self._stale_claims:
+                    raise AlreadyManaged(
+                        f"VirtualService {self.service} is already managed by BirdWatch {theirs.birdwatch}"
+                    ) from None
+            except NotFound:
+                raise RouteError(f"VirtualService {self.service} was deleted during the rollout") from None
+        raise Conflict(409, "Conflict", f"VirtualService {self.service} kept changing; gave up after retries")

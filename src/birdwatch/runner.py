@@ -1,0 +1,227 @@
+"""The controller process: builds the shared ports, runs the watch loops (while leading), serves health and
+metrics, and shuts down in order on SIGTERM: intake first, then canaries at a safe point, then Events and Slack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from .canary import Canary, Ports
+from .config import Settings
+from .controller import Watcher, WatchSettings
+from .events import EventRecorder
+from .kube import Kube
+from .metrics import Metrics
+from .notify import Moment, Notice, Notifier, make_notifier
+from .prometheus import PrometheusClient
+from .registry import CanaryFactory, Registry
+from .server import HealthServer
+from .spec import Phase
+
+log = structlog.get_logger(__name__)
+
+
+class App:
+    """One birdwatch. ``run()`` until ``stop()`` (or SIGTERM/SIGINT when ``handle_signals``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self._stop = asyncio.Event()
+        self.kube: Kube | None = None
+        self.registry: Registry | None = None
+        self.watchers: list[Watcher] = []
+        self.health: HealthServer | None = None
+        self._prometheus_ok: tuple[bool, str] = (False, "not checked yet")
+        self._leading = not settings.leader.enabled
+        self._watch_tasks: list[asyncio.Task[None]] = []
+        self._prometheus_task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # --- readiness -------------------------------------------------------------------------------------------
+
+    def _watch_established(self) -> tuple[bool, str]:
+        if not self._leading:
+            return True, "standby (not leading)"
+        if self.watchers and all(w.established.is_set() for w in self.watchers):
+            return True, "watching birdwatches"
+        return False, "watch not established yet"
+
+    def _prometheus_ready(self) -> tuple[bool, str]:
+        return self._prometheus_ok
+
+    def _loops_alive(self) -> tuple[bool, str]:
+        dead = [t.get_name() for t in self._watch_tasks if t.done()]
+        return (not dead, "watch loops running" if not dead else f"stopped: {', '.join(dead)}")
+
+    # --- the process -----------------------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        self.kube = kube = await Kube.connect(kubeconfig=settings.kubeconfig, context=settings.context)
+        prometheus = PrometheusClient(settings.prometheus, on_error=lambda _: self.metrics.prometheus_errors.inc())
+        notifier = make_notifier(
+            token=settings.slack_token, channel=settings.slack_channel, base_url=settings.slack_api_url
+        )
+        events = EventRecorder(kube)
+        registry = Registry(
+            self._canary_factory(kube, prometheus, events, notifier),
+            grace=settings.shutdown_grace,
+            on_forget=self.metrics.forget,
+        )
+        self.registry = registry
+        ports_ready = False
+        try:
+            await notifier.start()
+            await events.start()
+            ports_ready = True
+            if settings.health_address:
+                host, port = settings.health_address.rsplit(":", 1)
+                self.health = HealthServer(
+                    host=host,
+                    port=int(port),
+                    metrics=self.metrics,
+                    live={"loops": self._loops_alive},
+                    ready={"watch": self._watch_established, "prometheus": self._prometheus_ready},
+                )
+                await self.health.start()
+                log.info("serving /healthz, /readyz and /metrics", address=f"{host}:{self.health.port}")
+            self._prometheus_task = asyncio.create_task(
+                self._monitor_prometheus(prometheus, notifier), name="prometheus-monitor"
+            )
+            await self._lead(lambda: self._work(kube, registry))
+        finally:
+            log.info("shutting down")
+            if self._prometheus_task is not None:
+                self._prometheus_task.cancel()
+                await asyncio.gather(self._prometheus_task, return_exceptions=True)
+            for task in self._watch_tasks:
+                task.cancel()
+            await asyncio.gather(*self._watch_tasks, return_exceptions=True)
+            await registry.close()
+            if ports_ready:
+                await events.close(timeout=2.0)
+                await notifier.close(timeout=2.0)
+            await prometheus.close()
+            if self.health is not None:
+                await self.health.close()
+            await kube.close()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            log.info("stopped")
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("signal received; stopping", signal=sig.name)
+        self.stop()
+
+    async def _lead(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` until stopped (leader election wraps this when enabled)."""
+        if not self.settings.leader.enabled:
+            await work()
+            return
+        from .leader import LeaderElector
+
+        assert self.kube is not None
+        identity = self.settings.leader.identity or f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaderElector(
+            self.kube,
+            self.settings.leader,
+            identity=identity,
+            metrics=self.metrics,
+            healthy=lambda: self._loops_alive()[0],
+        )
+
+        def leading(on: bool) -> None:
+            self._leading = on
+
+        await elector.run(work, stop=self._stop, on_change=leading)
+
+    async def _work(self, kube: Kube, registry: Registry) -> None:
+        """While leading: watch and carry out canaries, until stopped (or leadership is lost: cancelled)."""
+        settings = WatchSettings(read_timeout=self.settings.watch_read_timeout)
+        self.watchers = [
+            Watcher(kube, registry, namespace=ns, settings=settings) for ns in (self.settings.namespaces or (None,))
+        ]
+        self._watch_tasks = [
+            asyncio.create_task(w.run(), name=f"watch {w_ns or '*'}")
+            for w, w_ns in zip(self.watchers, self.settings.namespaces or (None,), strict=True)
+        ]
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stop, *self._watch_tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and not task.cancelled() and task.exception() is not None:
+                    log.error("watch loop crashed", task=task.get_name(), exc_info=task.exception())
+                    self.stop()
+        finally:
+            stop.cancel()
+            for task in self._watch_tasks:
+                task.cancel()
+            await asyncio.gather(*self._watch_tasks, return_exceptions=True)
+            await registry.close()
+            self.metrics.canaries.set(0)
+
+    def _canary_factory(
+        self, kube: Kube, prometheus: PrometheusClient, events: EventRecorder, notifier: Notifier
+    ) -> CanaryFactory:
+        ports = Ports(
+            kube=kube,
+            metrics_source=prometheus,
+            events=events,
+            notifier=notifier,
+            metrics=self.metrics,
+            owners=lambda ns, name: self.registry.owner(ns, name) if self.registry else None,
+        )
+
+        async def carry_out(obj: dict[str, Any], stop: asyncio.Event) -> Phase | None:
+            self.metrics.canaries.inc()
+            try:
+                return await Canary(obj, ports, stop=stop).run()
+            finally:
+                self.metrics.canaries.dec()
+
+        return carry_out
+
+    async def _monitor_prometheus(self, prometheus: PrometheusClient, notifier: Notifier) -> None:
+        """Readiness follows Prometheus: checked at start (said loudly when down) and every 15 s after."""
+        first = True
+        while not self._stop.is_set():
+            was = self._prometheus_ok[0]
+            self._prometheus_ok = ok, why = await prometheus.ready()
+            url = self.settings.prometheus.url
+            if ok and (first or not was):
+                log.info("prometheus ready", url=url)
+            elif not ok and (first or was):
+                log.error("prometheus not reachable; canaries count failed checks until it is", url=url, reason=why)
+                notifier.notify(
+                    Notice(
+                        moment=Moment.FAILED,
+                        namespace="-",
+                        name="birdwatch",
+                        service="-",
+                        canary_version="-",
+                        weight=0,
+                        message=f"Prometheus at {url} is not reachable: {why}",
+                    )
+                )
+            first = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 15.0)

@@ -1,0 +1,127 @@
+"""The BirdWatch resource as birdwatch reads it: the spec users write, with defaults, checked for sense."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=enum.Enum)
+
+GROUP = "otomato.link"
+VERSION = "v1alpha1"
+PLURAL = "birdwatches"
+KIND = "BirdWatch"
+
+
+class Unhealthy(enum.Enum):
+    ROLLBACK = "rollback"
+    FREEZE = "freeze"
+
+
+class Direction(enum.Enum):
+    INCREASE = "increase"
+    DECREASE = "decrease"
+    EITHER = "either"
+
+
+class NoData(enum.Enum):
+    ZERO = "zero"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class Phase(enum.Enum):
+    PENDING = "Pending"
+    WAITING = "Waiting"
+    PROGRESSING = "Progressing"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    FROZEN = "Frozen"
+    FAILED = "Failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK, Phase.FROZEN, Phase.FAILED})
+
+
+class InvalidSpec(ValueError):
+    """The spec cannot be carried out; the message says which field and why, for status and Events."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BirdWatchSpec:
+    service: str
+    metric: str
+    deviation: float
+    canary_version: str
+    increment: int = 1
+    interval: int = 5
+    if_unhealthy: Unhealthy = Unhealthy.ROLLBACK
+    max_weight: int = 100
+    failure_threshold: int = 1
+    deviation_direction: Direction = Direction.INCREASE
+    no_data: NoData = NoData.ZERO
+    ready_timeout: int = 600
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> BirdWatchSpec:
+        """Parse ``.spec``. The CRD schema already enforces types and ranges; this guards against objects
+        written before a schema change or through an API server that does not validate."""
+        if not isinstance(raw, dict):
+            raise InvalidSpec("spec is missing or not an object")
+        missing = [f for f in ("service", "metric", "deviation", "canary_version") if raw.get(f) in (None, "")]
+        if missing:
+            raise InvalidSpec(f"spec lacks required field(s): {', '.join(missing)}")
+        return cls(
+            service=_text(raw, "service"),
+            metric=_text(raw, "metric").strip(),
+            deviation=_number(raw, "deviation", low=0.0),
+            canary_version=_text(raw, "canary_version"),
+            increment=_integer(raw, "increment", 1, low=1, high=10),
+            interval=_integer(raw, "interval", 5, low=1, high=600),
+            if_unhealthy=_choice(raw, "if_unhealthy", Unhealthy, Unhealthy.ROLLBACK),
+            max_weight=_integer(raw, "max_weight", 100, low=1, high=100),
+            failure_threshold=_integer(raw, "failure_threshold", 1, low=1, high=100),
+            deviation_direction=_choice(raw, "deviation_direction", Direction, Direction.INCREASE),
+            no_data=_choice(raw, "no_data", NoData, NoData.ZERO),
+            ready_timeout=_integer(raw, "ready_timeout", 600, low=1, high=86400),
+        )
+
+
+def _text(raw: dict[str, Any], name: str) -> str:
+    value = raw[name]
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidSpec(f"spec.{name} must be a non-empty string")
+    return value
+
+
+def _number(raw: dict[str, Any], name: str, *, low: float) -> float:
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+        raise InvalidSpec(f"spec.{name} must be a finite number >= {low:g}, not {value!r}")
+    return float(value)
+
+
+def _integer(raw: dict[str, Any], name: str, default: int, *, low: int, high: int) -> int:
+    value = raw.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidSpec(f"spec.{name} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _choice(raw: dict[str, Any], name: str, kind: type[E], default: E) -> E:
+    value = raw.get(name)
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(str(e.value) for e in kind)
+        raise InvalidSpec(f"spec.{name} must be one of {allowed}, not {value!r}") from None

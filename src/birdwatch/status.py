@@ -1,0 +1,118 @@
+"""A BirdWatch's status subresource: what users read with ``kubectl get bw``, and what a restart resumes from.
+
+Every write carries the whole status, so a lost write is healed by the next one, and conditions keep their
+``lastTransitionTime`` while their state stands.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .kube import BIRDWATCHES, Kube, Obj
+from .spec import Phase
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> float | None:
+    """Seconds since the epoch, or None."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status:
+    phase: Phase
+    observed_generation: int
+    canary_weight: int = 0
+    baseline: float | None = None
+    last_value: float | None = None
+    failed_checks: int = 0
+    skipped_checks: int = 0
+    last_step_time: str | None = None
+    message: str = ""
+
+    def but(self, **changes: Any) -> Status:
+        return replace(self, **changes)
+
+    @classmethod
+    def parse(cls, obj: Obj) -> Status | None:
+        raw = obj.get("status") or {}
+        try:
+            return cls(
+                phase=Phase(raw["phase"]),
+                observed_generation=int(raw.get("observedGeneration", 0)),
+                canary_weight=int(raw.get("canaryWeight", 0)),
+                baseline=None if raw.get("baseline") is None else float(raw["baseline"]),
+                last_value=None if raw.get("lastValue") is None else float(raw["lastValue"]),
+                failed_checks=int(raw.get("failedChecks", 0)),
+                skipped_checks=int(raw.get("skippedChecks", 0)),
+                last_step_time=raw.get("lastStepTime"),
+                message=str(raw.get("message", "")),
+            )
+        except (KeyError, ValueError, TypeError):
+            return None
+
+
+def _conditions(status: Status) -> dict[str, tuple[str, str]]:
+    """type -> (status, reason). Ready: the canary is production. Progressing: a rollout is under way."""
+    phase = status.phase
+    return {
+        "Ready": ("True" if phase is Phase.PROMOTED else "False", phase.value),
+        "Progressing": ("True" if not phase.terminal else "False", phase.value),
+    }
+
+
+class StatusWriter:
+    def __init__(self, kube: Kube, *, namespace: str, name: str, current: Obj | None = None) -> None:
+        self._kube = kube
+        self._namespace = namespace
+        self._name = name
+        # type -> (status, lastTransitionTime): keeps transition times across writes and across restarts.
+        self._since: dict[str, tuple[str, str]] = {}
+        for c in ((current or {}).get("status") or {}).get("conditions") or []:
+            if isinstance(c, dict) and "type" in c:
+                self._since[c["type"]] = (str(c.get("status")), str(c.get("lastTransitionTime", "")))
+
+    def body(self, status: Status) -> dict[str, Any]:
+        now = now_rfc3339()
+        conditions = []
+        for kind, (state, reason) in _conditions(status).items():
+            previous = self._since.get(kind)
+            since = previous[1] if previous and previous[0] == state and previous[1] else now
+            self._since[kind] = (state, since)
+            conditions.append(
+                {
+                    "type": kind,
+                    "status": state,
+                    "reason": reason,
+                    "message": status.message[:1024],
+                    "lastTransitionTime": since,
+                    "observedGeneration": status.observed_generation,
+                }
+            )
+        return {
+            "phase": status.phase.value,
+            "observedGeneration": status.observed_generation,
+            "canaryWeight": status.canary_weight,
+            "baseline": status.baseline,
+            "lastValue": status.last_value,
+            "failedChecks": status.failed_checks,
+            "skippedChecks": status.skipped_checks,
+            "lastStepTime": status.last_step_time,
+            "message": status.message,
+            "conditions": conditions,
+        }
+
+    async def write(self, status: Status) -> Obj:
+        return await self._kube.merge_patch(
+            BIRDWATCHES, self._namespace, self._name, {"status": self.body(status)}, subresource="status"
+        )

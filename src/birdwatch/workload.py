@@ -1,0 +1,33 @@
+"""Whether the canary's pods can take traffic: its Deployment (labelled ``version: <canary_version>``) is available."""
+
+from __future__ import annotations
+
+from .kube import DEPLOYMENTS, Kube, Obj
+from .router import VERSION_LABEL
+
+
+def deployment_available(deployment: Obj) -> tuple[bool, str]:
+    name = deployment["metadata"]["name"]
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    wanted = int(spec.get("replicas", 1))
+    if wanted == 0:
+        return False, f"Deployment {name} is scaled to zero"
+    if int(status.get("observedGeneration", 0)) < int(deployment["metadata"].get("generation", 0)):
+        return False, f"Deployment {name}: its newest spec is not yet observed"
+    updated = int(status.get("updatedReplicas", 0))
+    available = int(status.get("availableReplicas", 0))
+    if updated < wanted or available < wanted:
+        return False, f"Deployment {name}: {available}/{wanted} replicas available, {updated}/{wanted} updated"
+    return True, f"Deployment {name}: {available}/{wanted} replicas available"
+
+
+async def canary_available(kube: Kube, *, namespace: str, version: str) -> tuple[bool, str]:
+    """(True, summary) once every Deployment labelled with the canary's version is fully available."""
+    items, _ = await kube.list(DEPLOYMENTS, namespace, label_selector=f"{VERSION_LABEL}={version}")
+    if not items:
+        return False, f"no Deployment labelled {VERSION_LABEL}={version} in namespace {namespace}"
+    verdicts = [deployment_available(d) for d in items]
+    waiting = [why for ok, why in verdicts if not ok]
+    if waiting:
+        return False, "; ".join(waiting)
+    return True, "; ".join(why for _, why in verdicts)

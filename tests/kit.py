@@ -1,0 +1,248 @@
+"""Helpers for tests that run birdwatch against the real control plane: the objects a user would apply, an
+in-process controller, and ways to read what a user would see (weights, status, Events)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from birdwatch.cli import build_parser
+from birdwatch.config import settings_from
+from birdwatch.kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Kube, KubeError
+from birdwatch.runner import App
+from envtest.controlplane import ControlPlane, KubeHTTP
+
+Obj = dict[str, Any]
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], *, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    """Await ``probe`` until it returns something truthy; fail with the last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def deployment(name: str, version: str, *, app: str = "aleph") -> Obj:
+    labels = {"app": app, "version": version}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": app, "image": f"example.invalid/{app}:{version}"}]},
+            },
+        },
+    }
+
+
+def make_available(api: KubeHTTP, namespace: str, name: str) -> None:
+    """No kubelet runs here: say through the status subresource what the Deployment controller would."""
+    status, body = api.request(
+        "PATCH",
+        f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
+        {"status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
+                    "availableReplicas": 1}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+
+
+def destination_rule(name: str, subsets: dict[str, str]) -> Obj:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": name},
+        "spec": {
+            "host": name,
+            "trafficPolicy": {"connectionPool": {"http": {"http1MaxPendingRequests": 100}}},
+            "subsets": [{"name": subset, "labels": {"version": v}} for subset, v in subsets.items()],
+        },
+    }
+
+
+def virtual_service(name: str, split: dict[str, int], *, extra_routes: Sequence[Obj] = ()) -> Obj:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": name, "labels": {"team": "aleph"}, "annotations": {"owner": "aleph-team"}},
+        "spec": {
+            "hosts": [name],
+            "http": [
+                *extra_routes,
+                {
+                    "name": "primary",
+                    "route": [
+                        {"destination": {"host": name, "subset": subset}, "weight": weight}
+                        for subset, weight in split.items()
+                    ],
+                    "retries": {"attempts": 3, "perTryTimeout": "2s"},
+                    "timeout": "10s",
+                },
+            ],
+        },
+    }
+
+
+def birdwatch(name: str, **spec: Any) -> Obj:
+    return {
+        "apiVersion": "otomato.link/v1alpha1",
+        "kind": "BirdWatch",
+        "metadata": {"name": name},
+        "spec": {"service": "aleph", "canary_version": "v04", "deviation": 0.5, "increment": 10, "interval": 1,
+                 **spec},
+    }
+
+
+def apply_all(api: KubeHTTP, namespace: str, objs: Sequence[Obj]) -> None:
+    for obj in objs:
+        api.apply({**obj, "metadata": {**obj["metadata"], "namespace": namespace}})
+
+
+def mesh(api: KubeHTTP, namespace: str, *, named: bool = True, ready: bool = True, versions: Sequence[str] = ("v03", "v04"),
+         extra_routes: Sequence[Obj] = ()) -> None:
+    """The aleph service as a user has it before a canary: Deployments, DestinationRule, VirtualService."""
+    objs = [deployment(f"aleph-{v}", v) for v in versions]
+    if named:
+        objs += [destination_rule("aleph", {"production": versions[0], "canary": versions[1]}),
+                 virtual_service("aleph", {"production": 100, "canary": 0}, extra_routes=extra_routes)]
+    else:
+        objs += [destination_rule("aleph", {v: v for v in versions}),
+                 virtual_service("aleph", {versions[0]: 100}, extra_routes=extra_routes)]
+    apply_all(api, namespace, objs)
+    if ready:
+        for v in versions:
+            make_available(api, namespace, f"aleph-{v}")
+
+
+@dataclass
+class Cluster:
+    """What a user can read back: objects, weights, status, Events."""
+
+    kube: Kube
+    namespace: str
+    history: list[dict[str, int]] = field(default_factory=list)
+
+    async def vs(self, name: str = "aleph") -> Obj:
+        return await self.kube.get(VIRTUALSERVICES, self.namespace, name)
+
+    async def dr(self, name: str = "aleph") -> Obj:
+        return await self.kube.get(DESTINATIONRULES, self.namespace, name)
+
+    async def bw(self, name: str = "aleph") -> Obj:
+        return await self.kube.get(BIRDWATCHES, self.namespace, name)
+
+    async def status(self, name: str = "aleph") -> Obj:
+        return dict((await self.bw(name)).get("status") or {})
+
+    async def weights(self, name: str = "aleph", route: str = "primary") -> dict[str, int]:
+        return route_weights(await self.vs(name), route)
+
+    async def create_bw(self, obj: Obj) -> Obj:
+        return await self.kube.create(BIRDWATCHES, self.namespace, {**obj, "metadata": {**obj["metadata"]}})
+
+    async def patch_bw_spec(self, name: str, spec: Obj) -> Obj:
+        return await self.kube.merge_patch(BIRDWATCHES, self.namespace, name, {"spec": spec})
+
+    async def wait_phase(self, phase: str, name: str = "aleph", *, timeout: float = 40.0) -> Obj:
+        async def probe() -> Obj | None:
+            status = await self.status(name)
+            return status if status.get("phase") == phase else None
+
+        result: Obj = await eventually(probe, timeout=timeout, what=f"{name} phase {phase}")
+        return result
+
+    async def events(self, name: str = "aleph") -> list[Obj]:
+        body = await self.kube.request(
+            "GET", f"/api/v1/namespaces/{self.namespace}/events",
+            params={"fieldSelector": f"involvedObject.name={name}"},
+        )
+        return sorted(body.get("items") or [], key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))
+
+    async def reasons(self, name: str = "aleph") -> list[str]:
+        return [e["reason"] for e in await self.events(name)]
+
+    @contextlib.asynccontextmanager
+    async def recording(self, name: str = "aleph", route: str = "primary") -> AsyncIterator[list[dict[str, int]]]:
+        """Record every distinct weight split the VirtualService goes through, from its own watch."""
+        history: list[dict[str, int]] = []
+
+        async def follow() -> None:
+            items, rv = await self.kube.list(VIRTUALSERVICES, self.namespace)
+            for item in items:
+                if item["metadata"]["name"] == name:
+                    history.append(route_weights(item, route))
+            while True:
+                try:
+                    async for event in self.kube.watch(VIRTUALSERVICES, self.namespace, resource_version=rv):
+                        rv = event.object["metadata"].get("resourceVersion", rv)
+                        if event.type == "BOOKMARK" or event.object["metadata"].get("name") != name:
+                            continue
+                        split = route_weights(event.object, route)
+                        if not history or history[-1] != split:
+                            history.append(split)
+                except KubeError:
+                    await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(follow())
+        try:
+            yield history
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def route_weights(vs: Obj, route: str = "primary") -> dict[str, int]:
+    for r in vs["spec"].get("http") or []:
+        if r.get("name") == route:
+            return {d["destination"]["subset"]: int(d.get("weight", 0)) for d in r.get("route") or []}
+    raise AssertionError(f"no route {route} in {vs['spec']}")
+
+
+def canary_steps(history: list[dict[str, int]], canary: str) -> list[int]:
+    return [split.get(canary, 0) for split in history]
+
+
+def settings(control_plane: ControlPlane, *, prometheus_url: str, namespaces: Sequence[str] = (),
+             extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Any:
+    argv = ["run", "--kubeconfig", str(control_plane.kubeconfig), "--prometheus-url", prometheus_url,
+            "--health-address", "127.0.0.1:0", "--log-format", "console", "--log-level", "debug", "--shutdown-grace", "3"]
+    for ns in namespaces:
+        argv += ["--namespace", ns]
+    parser = build_parser(env or {})
+    return settings_from(parser.parse_args([*argv, *extra]), env or {})
+
+
+@contextlib.asynccontextmanager
+async def controller(control_plane: ControlPlane, *, prometheus_url: str, namespaces: Sequence[str],
+                     extra: Sequence[str] = (), env: dict[str, str] | None = None) -> AsyncIterator[App]:
+    """birdwatch running in this event loop, stopped (gracefully) when the block ends."""
+    app = App(settings(control_plane, prometheus_url=prometheus_url, namespaces=namespaces, extra=extra, env=env))
+    task = asyncio.create_task(app.run())
+    try:
+        await eventually(lambda: _established(app, task), timeout=20, what="the controller's watch")
+        yield app
+    finally:
+        app.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def _established(app: App, task: asyncio.Task[None]) -> bool:
+    if task.done():
+        task.result()  # raise what made it stop
+    return bool(app.watchers) and all(w.established.is_set() for w in app.watchers)

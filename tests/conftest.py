@@ -12,12 +12,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from birdwatch.kube import Kube
 from envtest.assets import REPO, Assets, ensure_assets
 from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
+from kit import Cluster
 
 _servers: list[tuple[str, Path]] = []
 
@@ -86,6 +89,16 @@ async def api_client(control_plane: ControlPlane) -> AsyncIterator[k8s.ApiClient
     await k8s_config.load_kube_config(config_file=str(control_plane.kubeconfig), client_configuration=configuration)
     async with k8s.ApiClient(configuration) as api:
         yield api
+
+
+@pytest.fixture
+async def cluster(control_plane: ControlPlane, namespace: str) -> AsyncIterator[Cluster]:
+    """birdwatch's own client on the test's namespace, to read back what a user would see."""
+    kube = await Kube.connect(kubeconfig=str(control_plane.kubeconfig))
+    try:
+        yield Cluster(kube, namespace)
+    finally:
+        await kube.close()
 
 
 @pytest.hookimpl(wrapper=True)

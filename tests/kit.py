@@ -17,6 +17,7 @@ from birdwatch.runner import App
 from envtest.controlplane import ControlPlane, KubeHTTP
 
 Obj = dict[str, Any]
+TERMINAL = {"Promoted", "RolledBack", "Frozen", "Failed"}
 
 
 async def eventually(
@@ -55,8 +56,15 @@ def make_available(api: KubeHTTP, namespace: str, name: str) -> None:
     status, body = api.request(
         "PATCH",
         f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
-        {"status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
-                    "availableReplicas": 1}},
+        {
+            "status": {
+                "observedGeneration": 1,
+                "replicas": 1,
+                "updatedReplicas": 1,
+                "readyReplicas": 1,
+                "availableReplicas": 1,
+            }
+        },
         content_type="application/merge-patch+json",
     )
     assert status == 200, body
@@ -103,8 +111,7 @@ def birdwatch(name: str, **spec: Any) -> Obj:
         "apiVersion": "otomato.link/v1alpha1",
         "kind": "BirdWatch",
         "metadata": {"name": name},
-        "spec": {"service": "aleph", "canary_version": "v04", "deviation": 0.5, "increment": 10, "interval": 1,
-                 **spec},
+        "spec": {"service": "aleph", "canary_version": "v04", "deviation": 0.5, "increment": 10, "interval": 1, **spec},
     }
 
 
@@ -113,16 +120,27 @@ def apply_all(api: KubeHTTP, namespace: str, objs: Sequence[Obj]) -> None:
         api.apply({**obj, "metadata": {**obj["metadata"], "namespace": namespace}})
 
 
-def mesh(api: KubeHTTP, namespace: str, *, named: bool = True, ready: bool = True, versions: Sequence[str] = ("v03", "v04"),
-         extra_routes: Sequence[Obj] = ()) -> None:
+def mesh(
+    api: KubeHTTP,
+    namespace: str,
+    *,
+    named: bool = True,
+    ready: bool = True,
+    versions: Sequence[str] = ("v03", "v04"),
+    extra_routes: Sequence[Obj] = (),
+) -> None:
     """The aleph service as a user has it before a canary: Deployments, DestinationRule, VirtualService."""
     objs = [deployment(f"aleph-{v}", v) for v in versions]
     if named:
-        objs += [destination_rule("aleph", {"production": versions[0], "canary": versions[1]}),
-                 virtual_service("aleph", {"production": 100, "canary": 0}, extra_routes=extra_routes)]
+        objs += [
+            destination_rule("aleph", {"production": versions[0], "canary": versions[1]}),
+            virtual_service("aleph", {"production": 100, "canary": 0}, extra_routes=extra_routes),
+        ]
     else:
-        objs += [destination_rule("aleph", {v: v for v in versions}),
-                 virtual_service("aleph", {versions[0]: 100}, extra_routes=extra_routes)]
+        objs += [
+            destination_rule("aleph", {v: v for v in versions}),
+            virtual_service("aleph", {versions[0]: 100}, extra_routes=extra_routes),
+        ]
     apply_all(api, namespace, objs)
     if ready:
         for v in versions:
@@ -161,14 +179,22 @@ class Cluster:
     async def wait_phase(self, phase: str, name: str = "aleph", *, timeout: float = 40.0) -> Obj:
         async def probe() -> Obj | None:
             status = await self.status(name)
-            return status if status.get("phase") == phase else None
+            if status.get("phase") == phase:
+                return status
+            if (
+                status.get("phase") in TERMINAL
+                and status.get("observedGeneration") == (await self.bw(name))["metadata"]["generation"]
+            ):
+                raise AssertionError(f"{name} ended {status['phase']}, not {phase}: {status.get('message')}")
+            return None
 
         result: Obj = await eventually(probe, timeout=timeout, what=f"{name} phase {phase}")
         return result
 
     async def events(self, name: str = "aleph") -> list[Obj]:
         body = await self.kube.request(
-            "GET", f"/api/v1/namespaces/{self.namespace}/events",
+            "GET",
+            f"/api/v1/namespaces/{self.namespace}/events",
             params={"fieldSelector": f"involvedObject.name={name}"},
         )
         return sorted(body.get("items") or [], key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))
@@ -215,13 +241,38 @@ def route_weights(vs: Obj, route: str = "primary") -> dict[str, int]:
 
 
 def canary_steps(history: list[dict[str, int]], canary: str) -> list[int]:
-    return [split.get(canary, 0) for split in history]
+    """The canary's weights as they changed (a split that only added a 0 % canary destination is no change)."""
+    steps: list[int] = []
+    for split in history:
+        weight = split.get(canary, 0)
+        if not steps or steps[-1] != weight:
+            steps.append(weight)
+    return steps
 
 
-def settings(control_plane: ControlPlane, *, prometheus_url: str, namespaces: Sequence[str] = (),
-             extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Any:
-    argv = ["run", "--kubeconfig", str(control_plane.kubeconfig), "--prometheus-url", prometheus_url,
-            "--health-address", "127.0.0.1:0", "--log-format", "console", "--log-level", "debug", "--shutdown-grace", "3"]
+def settings(
+    control_plane: ControlPlane,
+    *,
+    prometheus_url: str,
+    namespaces: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Any:
+    argv = [
+        "run",
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--prometheus-url",
+        prometheus_url,
+        "--health-address",
+        "127.0.0.1:0",
+        "--log-format",
+        "console",
+        "--log-level",
+        "debug",
+        "--shutdown-grace",
+        "3",
+    ]
     for ns in namespaces:
         argv += ["--namespace", ns]
     parser = build_parser(env or {})
@@ -229,8 +280,14 @@ def settings(control_plane: ControlPlane, *, prometheus_url: str, namespaces: Se
 
 
 @contextlib.asynccontextmanager
-async def controller(control_plane: ControlPlane, *, prometheus_url: str, namespaces: Sequence[str],
-                     extra: Sequence[str] = (), env: dict[str, str] | None = None) -> AsyncIterator[App]:
+async def controller(
+    control_plane: ControlPlane,
+    *,
+    prometheus_url: str,
+    namespaces: Sequence[str],
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[App]:
     """birdwatch running in this event loop, stopped (gracefully) when the block ends."""
     app = App(settings(control_plane, prometheus_url=prometheus_url, namespaces=namespaces, extra=extra, env=env))
     task = asyncio.create_task(app.run())

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.client.exceptions import ApiException
+
 from envtest.controlplane import KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio.client.exceptions import ApiException
 
 VALID_SPEC: dict[str, Any] = {
     "service": "aleph",
@@ -86,9 +87,7 @@ async def test_birdwatch_defaults_are_filled_in(api_client: k8s.ApiClient, names
     assert created["spec"]["max_weight"] == 100
 
 
-async def test_virtual_service_weights_merge_patch_and_istio_schema(
-    api_client: k8s.ApiClient, namespace: str
-) -> None:
+async def test_virtual_service_weights_merge_patch_and_istio_schema(api_client: k8s.ApiClient, namespace: str) -> None:
     api = k8s.CustomObjectsApi(api_client)
     group = ("networking.istio.io", "v1", namespace, "virtualservices")
     await api.create_namespaced_custom_object(*group, virtual_service("aleph", route(100, 0)))

@@ -1,55 +1,421 @@
-"""A whole rollout on the real API server and Prometheus, seen as a user sees it: weights, status, Events."""
+"""Whole rollouts on the real API server and Prometheus, seen as a user sees them: the VirtualService's weights
+(recorded from its own watch), the DestinationRule, the BirdWatch's status, its Events and Slack messages."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import itertools
 
 import pytest
-from birdwatch.kube import Kube
+
 from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
-from kit import Cluster, birdwatch, canary_steps, controller, mesh
+from kit import (
+    Cluster,
+    birdwatch,
+    canary_steps,
+    controller,
+    deployment,
+    destination_rule,
+    eventually,
+    make_available,
+    mesh,
+    virtual_service,
+)
+from slackfake import FakeSlack
+
+
+def metric(namespace: str, name: str = "errors") -> str:
+    return f'max(bwtest_{name}{{ns="{namespace}"}})'
+
+
+def rises_by(steps: list[int], increment: int) -> bool:
+    return all(b - a == increment for a, b in itertools.pairwise(steps))
+
+
+class Env:
+    """The shared servers and this test's namespace, with the metric's value under the test's control."""
+
+    def __init__(
+        self, cluster: Cluster, admin: KubeHTTP, plane: ControlPlane, prometheus: PrometheusServer, exporter: Exporter
+    ) -> None:
+        self.cluster, self.admin, self.plane, self.prometheus, self.exporter = (
+            cluster,
+            admin,
+            plane,
+            prometheus,
+            exporter,
+        )
+        self.ns = cluster.namespace
+
+    def set_metric(self, value: float, name: str = "errors", *, wait: bool = True) -> None:
+        self.exporter.set_gauge(f"bwtest_{name}", value, ns=self.ns)
+        if wait:
+            self.prometheus.wait_for_value(metric(self.ns, name), value)
+
+    def controller(self, **kw: object):  # type: ignore[no-untyped-def]
+        return controller(self.plane, prometheus_url=self.prometheus.url, namespaces=[self.ns], **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def cluster(control_plane: ControlPlane, namespace: str) -> AsyncIterator[Cluster]:
-    kube = await Kube.connect(kubeconfig=str(control_plane.kubeconfig))
-    try:
-        yield Cluster(kube, namespace)
-    finally:
-        await kube.close()
-
-
-def errors_metric(namespace: str) -> str:
-    return f'max(bwtest_errors{{ns="{namespace}"}})'
-
-
-async def test_named_subsets_promote(
-    cluster: Cluster, admin_http: KubeHTTP, control_plane: ControlPlane, prometheus: PrometheusServer,
+def env(
+    cluster: Cluster,
+    admin_http: KubeHTTP,
+    control_plane: ControlPlane,
+    prometheus: PrometheusServer,
     exporter: Exporter,
-) -> None:
-    ns = cluster.namespace
-    mesh(admin_http, ns, named=True)
-    exporter.set_gauge("bwtest_errors", 0.1, ns=ns)
-    prometheus.wait_for_value(errors_metric(ns), 0.1)
-    async with controller(control_plane, prometheus_url=prometheus.url, namespaces=[ns]), cluster.recording() as history:
-        await cluster.create_bw(birdwatch("aleph", metric=errors_metric(ns), max_weight=30))
-        status = await cluster.wait_phase("Promoted")
+) -> Env:
+    return Env(cluster, admin_http, control_plane, prometheus, exporter)
+
+
+async def test_named_subsets_promote(env: Env) -> None:
+    mesh(env.admin, env.ns, named=True)
+    env.set_metric(0.1)
+    async with env.controller(), env.cluster.recording() as history:
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), max_weight=30))
+        status = await env.cluster.wait_phase("Promoted")
     assert status["baseline"] == pytest.approx(0.1)
     assert canary_steps(history, "canary") == [0, 10, 20, 30, 0]
-    assert await cluster.weights() == {"production": 100, "canary": 0}
-    dr = await cluster.dr()
+    assert await env.cluster.weights() == {"production": 100, "canary": 0}
+    dr = await env.cluster.dr()
     assert {s["name"]: s["labels"]["version"] for s in dr["spec"]["subsets"]} == {"production": "v04", "canary": "v04"}
+    assert dr["spec"]["trafficPolicy"] == {"connectionPool": {"http": {"http1MaxPendingRequests": 100}}}
     assert status["canaryWeight"] == 100
     assert status["observedGeneration"] == 1
-    reasons = await cluster.reasons()
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Progressing": "False"}
+    reasons = await env.cluster.reasons()
     assert reasons.count("TrafficShifted") == 3
-    assert "RolloutStarted" in reasons
-    assert "Promoted" in reasons
-    vs = await cluster.vs()
+    assert {"RolloutStarted", "Promoted"} <= set(reasons)
+    vs = await env.cluster.vs()
     assert vs["metadata"]["labels"] == {"team": "aleph"}
     assert vs["metadata"]["annotations"]["owner"] == "aleph-team"
     primary = vs["spec"]["http"][0]
     assert primary["retries"] == {"attempts": 3, "perTryTimeout": "2s"}
     assert primary["timeout"] == "10s"
+
+
+async def test_version_named_subsets_promote_and_other_routes_stay(env: Env) -> None:
+    other = {
+        "name": "admin",
+        "match": [{"uri": {"prefix": "/admin"}}],
+        "route": [{"destination": {"host": "admin", "subset": "v1"}}],
+    }
+    mesh(env.admin, env.ns, named=False, extra_routes=[other])
+    async with env.controller(), env.cluster.recording() as history:
+        # The canary's subset is missing from the DestinationRule: birdwatch adds it, copied from production's.
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), max_weight=20))
+        await env.cluster.wait_phase("Promoted")
+    assert canary_steps(history, "v04") == [0, 10, 20, 100]
+    assert canary_steps(history, "v03") == [100, 90, 80, 0]
+    vs = await env.cluster.vs()
+    assert vs["spec"]["http"][0] == other
+    assert await env.cluster.weights() == {"v03": 0, "v04": 100}
+
+
+async def test_rollback_when_the_metric_turns_bad(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(0.0)
+    async with FakeSlack(token="xoxb-test") as slack:
+        async with (
+            env.controller(env={"SLACK_API_TOKEN": "xoxb-test", "SLACK_API_URL": slack.base_url}),
+            env.cluster.recording() as history,
+        ):
+            await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2, deviation=0.2))
+            await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
+            env.set_metric(0.9)
+            status = await env.cluster.wait_phase("RolledBack")
+        messages = await slack.wait_for_messages(3)
+    steps = canary_steps(history, "canary")
+    assert steps[-1] == 0
+    assert rises_by(steps[:-1], 10)
+    assert 20 <= max(steps) < 100
+    assert await env.cluster.weights() == {"production": 100, "canary": 0}
+    assert status["canaryWeight"] == 0
+    assert status["lastValue"] == pytest.approx(0.9)
+    assert "more than the allowed 0.2" in status["message"]
+    reasons = await env.cluster.reasons()
+    assert {"CanaryUnhealthy", "RolledBack"} <= set(reasons)
+    texts = [m.text or "" for m in messages]
+    assert all(m.channel == "deployment" for m in messages)
+    assert any("v04" in t and "rolled back" in t.lower() for t in texts), texts
+
+
+async def test_freeze_keeps_the_split(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(0.0)
+    async with env.controller(), env.cluster.recording() as history:
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2, if_unhealthy="freeze"))
+        await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
+        env.set_metric(5.0)
+        status = await env.cluster.wait_phase("Frozen")
+    steps = canary_steps(history, "canary")
+    assert rises_by(steps, 10)
+    frozen = steps[-1]
+    assert frozen >= 20
+    assert await env.cluster.weights() == {"production": 100 - frozen, "canary": frozen}
+    assert status["canaryWeight"] == frozen
+    assert "Frozen" in await env.cluster.reasons()
+
+
+async def test_failure_threshold_tolerates_a_flap(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(0.0)
+    async with env.controller(), env.cluster.recording() as history:
+        await env.cluster.create_bw(
+            birdwatch("aleph", metric=metric(env.ns), interval=2, failure_threshold=3, max_weight=30)
+        )
+        await eventually(lambda: _weight_at_least(env.cluster, 10), what="canary at 10%")
+        env.set_metric(1.0)
+        await eventually(lambda: _failed_checks(env.cluster, 1), what="a failed check")
+        env.set_metric(0.0)
+        status = await env.cluster.wait_phase("Promoted", timeout=60)
+    steps = canary_steps(history, "canary")
+    assert steps == [0, 10, 20, 30, 0] or rises_by(steps[:-1], 10)
+    assert status["failedChecks"] == 0
+    assert "CheckFailed" in await env.cluster.reasons()
+
+
+async def test_failure_threshold_then_rollback(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(0.0)
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=1, failure_threshold=2))
+        await eventually(lambda: _weight_at_least(env.cluster, 10), what="canary at 10%")
+        env.set_metric(1.0)
+        status = await env.cluster.wait_phase("RolledBack")
+    assert status["failedChecks"] == 2
+    assert (await env.cluster.reasons()).count("CheckFailed") == 1
+
+
+@pytest.mark.parametrize(
+    ("direction", "baseline", "later", "phase"),
+    [
+        ("increase", 1.0, 2.0, "RolledBack"),
+        ("increase", 1.0, 0.0, "Promoted"),
+        ("decrease", 1.0, 0.0, "RolledBack"),
+        ("decrease", 1.0, 2.0, "Promoted"),
+        ("either", 1.0, 0.0, "RolledBack"),
+        ("either", 1.0, 2.0, "RolledBack"),
+    ],
+)
+async def test_deviation_direction(env: Env, direction: str, baseline: float, later: float, phase: str) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(baseline)
+    async with env.controller():
+        await env.cluster.create_bw(
+            birdwatch(
+                "aleph", metric=metric(env.ns), interval=2, deviation=0.5, deviation_direction=direction, max_weight=30
+            )
+        )
+        await eventually(lambda: _baseline_taken(env.cluster), what="baseline")
+        env.set_metric(later)
+        status = await env.cluster.wait_phase(phase)
+    assert status["baseline"] == pytest.approx(baseline)
+
+
+@pytest.mark.parametrize(("no_data", "phase", "weight"), [("zero", "Promoted", 100), ("fail", "Failed", 0)])
+async def test_no_data_zero_and_fail(env: Env, no_data: str, phase: str, weight: int) -> None:
+    mesh(env.admin, env.ns)
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns, "absent"), no_data=no_data, max_weight=20))
+        status = await env.cluster.wait_phase(phase)
+    assert status["canaryWeight"] == weight
+    if no_data == "fail":
+        assert "no data" in status["message"]
+        assert await env.cluster.weights() == {"production": 100, "canary": 0}
+    else:
+        assert status["baseline"] == 0
+
+
+async def test_no_data_skip_holds_then_acts(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(0.0, "flaky")
+    async with env.controller(), env.cluster.recording() as history:
+        await env.cluster.create_bw(
+            birdwatch("aleph", metric=metric(env.ns, "flaky"), no_data="skip", interval=1, failure_threshold=2)
+        )
+        await eventually(lambda: _weight_at_least(env.cluster, 10), what="canary at 10%")
+        env.exporter.remove("bwtest_flaky", ns=env.ns)
+        status = await env.cluster.wait_phase("RolledBack", timeout=60)
+    steps = canary_steps(history, "canary")
+    assert steps[-1] == 0
+    assert rises_by(steps[:-1], 10)
+    assert "no data for 3 checks in a row" in status["message"]
+
+
+async def test_bad_promql_fails_and_leaves_traffic(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric="sum(rate(http_requests_total[5m]"))
+        status = await env.cluster.wait_phase("Failed")
+    assert "Prometheus rejected the metric query" in status["message"]
+    assert "parse error" in status["message"]
+    assert await env.cluster.weights() == {"production": 100, "canary": 0}
+    assert "BadQuery" in await env.cluster.reasons()
+
+
+@pytest.mark.parametrize(
+    ("missing", "says"),
+    [
+        ("virtualservice", "VirtualService aleph not found"),
+        ("destinationrule", "DestinationRule aleph not found"),
+        ("route", "no HTTP route of VirtualService aleph sends traffic to subset production"),
+    ],
+)
+async def test_missing_objects_fail_with_a_message(env: Env, missing: str, says: str) -> None:
+    mesh(env.admin, env.ns)
+    if missing == "virtualservice":
+        await env.cluster.kube.delete(*_vs(env.ns))
+    elif missing == "destinationrule":
+        await env.cluster.kube.delete(*_dr(env.ns))
+    else:
+        await env.cluster.kube.merge_patch(
+            _vs(env.ns)[0],
+            env.ns,
+            "aleph",
+            {
+                "spec": {
+                    "http": [{"name": "primary", "route": [{"destination": {"host": "aleph", "subset": "canary"}}]}]
+                }
+            },
+        )
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns)))
+        status = await env.cluster.wait_phase("Failed")
+    assert says in status["message"]
+    assert "RouteInvalid" in await env.cluster.reasons()
+
+
+async def test_canary_never_ready_times_out(env: Env) -> None:
+    mesh(env.admin, env.ns, ready=False)
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), ready_timeout=2))
+        waiting = await env.cluster.wait_phase("Waiting")
+        status = await env.cluster.wait_phase("RolledBack")
+    assert "aleph-v04: 0/1 replicas available" in waiting["message"]
+    assert "not available after ready_timeout 2s" in status["message"]
+    assert await env.cluster.weights() == {"production": 100, "canary": 0}
+
+
+async def test_waits_for_the_canary_then_goes(env: Env) -> None:
+    mesh(env.admin, env.ns, ready=False)
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), max_weight=10))
+        await env.cluster.wait_phase("Waiting")
+        assert await env.cluster.weights() == {"production": 100, "canary": 0}
+        make_available(env.admin, env.ns, "aleph-v04")
+        await env.cluster.wait_phase("Promoted")
+
+
+async def test_two_canaries_at_once_with_their_own_intervals(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.admin.apply(
+        {
+            **deployment("beth-v2", "v2", app="beth"),
+            "metadata": {"name": "beth-v2", "namespace": env.ns, "labels": {"app": "beth", "version": "v2"}},
+        }
+    )
+    make_available(env.admin, env.ns, "beth-v2")
+    for obj in (
+        destination_rule("beth", {"production": "v1", "canary": "v2"}),
+        virtual_service("beth", {"production": 100, "canary": 0}),
+    ):
+        env.admin.apply({**obj, "metadata": {**obj["metadata"], "namespace": env.ns}})
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=1, max_weight=40))
+        await env.cluster.create_bw(
+            birdwatch("beth", service="beth", canary_version="v2", metric=metric(env.ns), interval=3, max_weight=20)
+        )
+        await env.cluster.wait_phase("Promoted", "aleph")
+        await env.cluster.wait_phase("Promoted", "beth")
+    fast = await _step_times(env.cluster, "aleph")
+    slow = await _step_times(env.cluster, "beth")
+    assert len(fast) == 4
+    assert len(slow) == 2
+    # Each keeps its own interval (Event times have one-second resolution); neither waited for the other.
+    assert all(1 <= b - a <= 2 for a, b in itertools.pairwise(fast))
+    assert all(3 <= b - a <= 4 for a, b in itertools.pairwise(slow))
+    assert slow[0] <= fast[1]
+
+
+async def test_spec_change_mid_rollout(env: Env) -> None:
+    mesh(env.admin, env.ns, versions=("v03", "v04", "v05"))
+    async with env.controller(), env.cluster.recording() as history:
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2))
+        await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
+        await env.cluster.patch_bw_spec("aleph", {"canary_version": "v05", "max_weight": 20})
+        status = await env.cluster.wait_phase("Promoted")
+    steps = canary_steps(history, "canary")
+    back = steps.index(0, 1)
+    assert rises_by(steps[:back], 10)
+    assert steps[back:] == [0, 10, 20, 0]
+    assert status["observedGeneration"] == 2
+    dr = await env.cluster.dr()
+    assert {s["name"]: s["labels"]["version"] for s in dr["spec"]["subsets"]} == {"production": "v05", "canary": "v05"}
+    assert "TrafficReset" in await env.cluster.reasons()
+
+
+async def test_second_birdwatch_on_the_same_service_fails(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    async with env.controller():
+        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=3))
+        await eventually(lambda: _weight_at_least(env.cluster, 10), what="first canary stepping")
+        await env.cluster.create_bw(birdwatch("aleph-again", metric=metric(env.ns), interval=3))
+        status = await env.cluster.wait_phase("Failed", "aleph-again")
+        first = await env.cluster.status("aleph")
+    assert status["message"] == "VirtualService aleph is already managed by BirdWatch aleph"
+    assert first["phase"] == "Progressing"
+
+
+async def test_resume_after_restart_continues_the_same_rollout(env: Env) -> None:
+    mesh(env.admin, env.ns)
+    env.set_metric(0.25)
+    async with env.cluster.recording() as history:
+        async with env.controller():
+            await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2, max_weight=50))
+            await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
+        stopped_at = (await env.cluster.status())["canaryWeight"]
+        env.set_metric(0.5)  # a new baseline would now read 0.5; the resumed rollout must keep 0.25
+        await asyncio.sleep(1)
+        async with env.controller():
+            status = await env.cluster.wait_phase("Promoted")
+    steps = canary_steps(history, "canary")
+    assert steps == [0, 10, 20, 30, 40, 50, 0]
+    assert stopped_at >= 20
+    assert status["baseline"] == pytest.approx(0.25)
+    assert (await env.cluster.reasons()).count("TrafficShifted") == 5
+
+
+# --- small probes -----------------------------------------------------------------------------------------------
+
+
+def _vs(ns: str) -> tuple[object, str, str]:
+    from birdwatch.kube import VIRTUALSERVICES
+
+    return VIRTUALSERVICES, ns, "aleph"
+
+
+def _dr(ns: str) -> tuple[object, str, str]:
+    from birdwatch.kube import DESTINATIONRULES
+
+    return DESTINATIONRULES, ns, "aleph"
+
+
+async def _weight_at_least(cluster: Cluster, weight: int) -> bool:
+    return int((await cluster.status()).get("canaryWeight", 0)) >= weight
+
+
+async def _failed_checks(cluster: Cluster, n: int) -> bool:
+    return int((await cluster.status()).get("failedChecks", 0)) >= n
+
+
+async def _step_times(cluster: Cluster, name: str) -> list[float]:
+    from birdwatch.status import parse_time
+
+    events = await cluster.events(name)
+    return [parse_time(e["firstTimestamp"]) or 0.0 for e in events if e["reason"] == "TrafficShifted"]
+
+
+async def _baseline_taken(cluster: Cluster) -> bool:
+    return (await cluster.status()).get("baseline") is not None

@@ -312,11 +312,13 @@ class Canary:
                 continue
             if verdict is Verdict.SKIPPED:
                 skipped += 1
+                self.status = self.status.but(last_value=value, skipped_checks=skipped)
                 if skipped > spec.failure_threshold:
                     await self._unhealthy(spec, f"no data for {skipped} checks in a row", value=value)
                 message = f"{reason}; holding at {self.weight}% ({skipped}/{spec.failure_threshold} skipped)"
             else:
                 failed += 1
+                self.status = self.status.but(last_value=value, failed_checks=failed)
                 if failed >= spec.failure_threshold:
                     await self._unhealthy(spec, reason, value=value)
                 message = f"{reason}; holding at {self.weight}% ({failed}/{spec.failure_threshold} failed checks)"

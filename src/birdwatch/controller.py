@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .kube import BIRDWATCHES, Gone, Kube, KubeError
+from .kube import BIRDWATCHES, Gone, Kube, KubeError, Obj
 from .registry import Key, Registry
 
 log = structlog.get_logger(__name__)
@@ -71,12 +71,7 @@ class Watcher:
                     resource_version = obj.get("metadata", {}).get("resourceVersion") or resource_version
                     if event.type == "BOOKMARK":
                         continue
-                    if event.type in ("ADDED", "MODIFIED"):
-                        self._registry.observe(obj)
-                    elif event.type == "DELETED":
-                        self._registry.forget(obj["metadata"]["namespace"], obj["metadata"]["name"])
-                    else:
-                        log.warning("unknown watch event type; skipped", type=event.type)
+                    self._dispatch(event.type, obj)
             except Gone:
                 log.info("watch expired (410 Gone); listing again", scope=scope)
                 resource_version = None
@@ -88,3 +83,20 @@ class Watcher:
                     # Credentials, RBAC or a missing CRD: a fresh LIST says which, loudly, on the next round.
                     resource_version = None
                 await asyncio.sleep(delay)
+
+    def _dispatch(self, kind: str, obj: Obj) -> None:
+        try:
+            if kind in ("ADDED", "MODIFIED"):
+                self._registry.observe(obj)
+            elif kind == "DELETED":
+                self._registry.forget(obj["metadata"]["namespace"], obj["metadata"]["name"])
+            else:
+                log.warning("unknown watch event type; skipped", type=kind)
+        except (KeyError, TypeError, ValueError) as exc:
+            # One malformed object must not stop the loop that serves every other canary.
+            log.error(
+                "could not handle watch event; skipped",
+                type=kind,
+                error=repr(exc),
+                name=(obj.get("metadata") or {}).get("name"),
+            )

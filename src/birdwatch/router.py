@@ -75,6 +75,13 @@ class Subsets:
     production: str
     canary: str
     named: bool  # the production/canary convention
+    host: str = ""  # the DestinationRule's host; destinations elsewhere are not ours
+
+    def is_production(self, dest: dict[str, Any]) -> bool:
+        return _subset(dest) == self.production and same_host(_host(dest), self.host)
+
+    def is_canary(self, dest: dict[str, Any]) -> bool:
+        return _subset(dest) == self.canary and same_host(_host(dest), self.host)
 
 
 def _destinations(route: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,27 +92,45 @@ def _subset(dest: dict[str, Any]) -> str | None:
     return (dest.get("destination") or {}).get("subset")
 
 
+def _host(dest: dict[str, Any]) -> str:
+    return str((dest.get("destination") or {}).get("host", ""))
+
+
+def same_host(a: str, b: str) -> bool:
+    """``aleph`` and ``aleph.shop.svc.cluster.local`` are one service to Istio (short names are namespace-local)."""
+    if a == b:
+        return True
+    return ("." not in a or "." not in b) and a.split(".")[0] == b.split(".")[0]
+
+
 def _weight(dest: dict[str, Any], alone: bool) -> int:
     # Istio: a lone destination without a weight gets all the traffic.
     return int(dest.get("weight", 100 if alone else 0))
 
 
 def detect_subsets(vs: Obj, dr: Obj, canary_version: str) -> Subsets:
+    """Which convention the objects follow, and which subsets are production and canary. Only destinations on the
+    DestinationRule's host count: a VirtualService may route some paths to other services."""
+    host = str((dr.get("spec") or {}).get("host", ""))
     http = (vs.get("spec") or {}).get("http") or []
     dr_subsets = {s.get("name") for s in (dr.get("spec") or {}).get("subsets") or []}
-    named_in_vs = any(_subset(d) == NAMED_PRODUCTION for r in http for d in _destinations(r))
+    mine = [[d for d in _destinations(r) if same_host(_host(d), host)] for r in http]
+    named_in_vs = any(_subset(d) == NAMED_PRODUCTION for dests in mine for d in dests)
     if NAMED_PRODUCTION in dr_subsets or named_in_vs:
         if NAMED_PRODUCTION not in dr_subsets:
             raise RouteError(f"DestinationRule {_name(dr)} has no subset {NAMED_PRODUCTION}")
         if not named_in_vs:
             raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {NAMED_PRODUCTION}")
-        return Subsets(NAMED_PRODUCTION, NAMED_CANARY, named=True)
+        return Subsets(NAMED_PRODUCTION, NAMED_CANARY, named=True, host=host)
     serving = sorted(
         {
             s
             for r in http
             for d in _destinations(r)
-            if (s := _subset(d)) and s != canary_version and _weight(d, len(_destinations(r)) == 1) > 0
+            if same_host(_host(d), host)
+            and (s := _subset(d))
+            and s != canary_version
+            and _weight(d, len(_destinations(r)) == 1) > 0
         }
     )
     if not serving:
@@ -117,11 +142,11 @@ def detect_subsets(vs: Obj, dr: Obj, canary_version: str) -> Subsets:
         )
     if serving[0] not in dr_subsets:
         raise RouteError(f"DestinationRule {_name(dr)} has no subset {serving[0]}")
-    return Subsets(serving[0], canary_version, named=False)
+    return Subsets(serving[0], canary_version, named=False, host=host)
 
 
 def managed_routes(http: list[dict[str, Any]], subsets: Subsets) -> list[int]:
-    return [i for i, r in enumerate(http) if any(_subset(d) == subsets.production for d in _destinations(r))]
+    return [i for i, r in enumerate(http) if any(subsets.is_production(d) for d in _destinations(r))]
 
 
 def canary_weight(vs: Obj, subsets: Subsets) -> int:
@@ -130,7 +155,7 @@ def canary_weight(vs: Obj, subsets: Subsets) -> int:
     for i in managed_routes(http, subsets):
         dests = _destinations(http[i])
         for d in dests:
-            if _subset(d) == subsets.canary:
+            if subsets.is_canary(d):
                 return _weight(d, len(dests) == 1)
         return 0
     return 0
@@ -148,23 +173,23 @@ def weighted_http(vs: Obj, subsets: Subsets, canary: int) -> list[dict[str, Any]
         raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {subsets.production}")
     for i in indices:
         dests = _destinations(http[i])
-        production = next(d for d in dests if _subset(d) == subsets.production)
+        production = next(d for d in dests if subsets.is_production(d))
         for d in dests:
-            other = _subset(d) not in (subsets.production, subsets.canary)
+            other = not subsets.is_production(d) and not subsets.is_canary(d)
             if other and _weight(d, len(dests) == 1) > 0:
                 raise RouteError(
                     f"HTTP route {http[i].get('name') or i} of VirtualService {_name(vs)} also sends traffic to "
                     f"subset {_subset(d)}; birdwatch only splits between {subsets.production} and {subsets.canary}"
                 )
-        if not any(_subset(d) == subsets.canary for d in dests):
+        if not any(subsets.is_canary(d) for d in dests):
             dest = copy.deepcopy(production)
             dest["destination"]["subset"] = subsets.canary
             dest.pop("headers", None)
             dests.append(dest)
         for d in dests:
-            if _subset(d) == subsets.production:
+            if subsets.is_production(d):
                 d["weight"] = 100 - canary
-            elif _subset(d) == subsets.canary:
+            elif subsets.is_canary(d):
                 d["weight"] = canary
             else:
                 d["weight"] = 0

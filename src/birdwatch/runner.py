@@ -64,6 +64,7 @@ class App:
         return self._prometheus_ok
 
     def _loops_alive(self) -> tuple[bool, str]:
+        # Only the current term's loops: a standby has none, and is alive.
         dead = [t.get_name() for t in self._watch_tasks if t.done()]
         return (not dead, "watch loops running" if not dead else f"stopped: {', '.join(dead)}")
 
@@ -81,12 +82,7 @@ class App:
             token=settings.slack_token, channel=settings.slack_channel, base_url=settings.slack_api_url
         )
         events = EventRecorder(kube)
-        registry = Registry(
-            self._canary_factory(kube, prometheus, events, notifier),
-            grace=settings.shutdown_grace,
-            on_forget=self.metrics.forget,
-        )
-        self.registry = registry
+        factory = self._canary_factory(kube, prometheus, events, notifier)
         ports_ready = False
         try:
             await notifier.start()
@@ -106,16 +102,12 @@ class App:
             self._prometheus_task = asyncio.create_task(
                 self._monitor_prometheus(prometheus, notifier), name="prometheus-monitor"
             )
-            await self._lead(lambda: self._work(kube, registry))
+            await self._lead(lambda: self._work(kube, factory))
         finally:
             log.info("shutting down")
             if self._prometheus_task is not None:
                 self._prometheus_task.cancel()
                 await asyncio.gather(self._prometheus_task, return_exceptions=True)
-            for task in self._watch_tasks:
-                task.cancel()
-            await asyncio.gather(*self._watch_tasks, return_exceptions=True)
-            await registry.close()
             if ports_ready:
                 await events.close(timeout=2.0)
                 await notifier.close(timeout=2.0)
@@ -154,30 +146,39 @@ class App:
 
         await elector.run(work, stop=self._stop, on_change=leading)
 
-    async def _work(self, kube: Kube, registry: Registry) -> None:
-        """While leading: watch and carry out canaries, until stopped (or leadership is lost: cancelled)."""
+    async def _work(self, kube: Kube, factory: CanaryFactory) -> None:
+        """One term of work (the whole run without leader election): watch and carry out canaries until stopped,
+        or until leadership is lost (then this is cancelled). A crashed watch loop ends the term with an error."""
+        registry = Registry(factory, grace=self._grace(), on_forget=self.metrics.forget)
+        self.registry = registry
         settings = WatchSettings(read_timeout=self.settings.watch_read_timeout)
-        self.watchers = [
-            Watcher(kube, registry, namespace=ns, settings=settings) for ns in (self.settings.namespaces or (None,))
-        ]
+        scopes = self.settings.namespaces or (None,)
+        self.watchers = [Watcher(kube, registry, namespace=ns, settings=settings) for ns in scopes]
         self._watch_tasks = [
-            asyncio.create_task(w.run(), name=f"watch {w_ns or '*'}")
-            for w, w_ns in zip(self.watchers, self.settings.namespaces or (None,), strict=True)
+            asyncio.create_task(w.run(), name=f"watch {ns or '*'}") for w, ns in zip(self.watchers, scopes, strict=True)
         ]
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stop, *self._watch_tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stop and not task.cancelled() and task.exception() is not None:
-                    log.error("watch loop crashed", task=task.get_name(), exc_info=task.exception())
-                    self.stop()
+                    raise RuntimeError(f"{task.get_name()} crashed") from task.exception()
         finally:
             stop.cancel()
             for task in self._watch_tasks:
                 task.cancel()
             await asyncio.gather(*self._watch_tasks, return_exceptions=True)
+            self._watch_tasks = []
             await registry.close()
             self.metrics.canaries.set(0)
+
+    def _grace(self) -> float:
+        """How long canaries get to reach a safe point when stopping. A leader that steps down must be done before
+        a standby may take the expired Lease, so there the grace fits in what the Lease leaves."""
+        leader = self.settings.leader
+        if not leader.enabled:
+            return self.settings.shutdown_grace
+        return max(0.5, min(self.settings.shutdown_grace, leader.lease_duration - leader.renew_deadline - 1.0))
 
     def _canary_factory(
         self, kube: Kube, prometheus: PrometheusClient, events: EventRecorder, notifier: Notifier

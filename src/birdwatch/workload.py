@@ -12,12 +12,12 @@ def deployment_available(deployment: Obj) -> tuple[bool, str]:
     wanted = int(spec.get("replicas", 1))
     if wanted == 0:
         return False, f"Deployment {name} is scaled to zero"
-    if int(status.get("observedGeneration", 0)) < int(deployment["metadata"].get("generation", 0)):
-        return False, f"Deployment {name}: its newest spec is not yet observed"
     updated = int(status.get("updatedReplicas", 0))
     available = int(status.get("availableReplicas", 0))
     if updated < wanted or available < wanted:
         return False, f"Deployment {name}: {available}/{wanted} replicas available, {updated}/{wanted} updated"
+    if int(status.get("observedGeneration", 0)) < int(deployment["metadata"].get("generation", 0)):
+        return False, f"Deployment {name}: its newest spec is not rolled out yet"
     return True, f"Deployment {name}: {available}/{wanted} replicas available"
 
 

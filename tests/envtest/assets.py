@@ -38,8 +38,6 @@ class Assets:
 
 def ensure_assets() -> Assets:
     """Build what is missing (first run only) and return where everything is."""
-    done = subprocess.run(
-        ["bash", str(INSTALL_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True
-    )
+    done = subprocess.run(["bash", str(INSTALL_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
     folder = Path(done.stdout.strip().splitlines()[-1])
     return Assets(folder)

@@ -86,8 +86,12 @@ class Server:
         with self.log.open("ab") as out:
             # A new session keeps Ctrl-C in the terminal from reaching the servers before we stop them in order.
             self._proc = subprocess.Popen(
-                list(self.argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, close_fds=True,
+                list(self.argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
             )
         self.pid = self._proc.pid
         if detach:
@@ -176,7 +180,7 @@ class KubeHTTP:
             status, crd = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
             if status != 200:
                 return False
-            conditions = crd.get("status", {}).get("conditions", [])
+            conditions = (crd.get("status") or {}).get("conditions") or []
             return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
         for name in names:
@@ -185,11 +189,20 @@ class KubeHTTP:
 
 # Plural names for the kinds the harness creates; everything else goes through the controller's own client.
 _PLURALS = {
-    "Namespace": "namespaces", "CustomResourceDefinition": "customresourcedefinitions",
-    "ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
-    "Role": "roles", "RoleBinding": "rolebindings", "Deployment": "deployments", "Service": "services",
-    "VirtualService": "virtualservices", "DestinationRule": "destinationrules", "BirdWatch": "birdwatches",
-    "Secret": "secrets", "ConfigMap": "configmaps",
+    "Namespace": "namespaces",
+    "CustomResourceDefinition": "customresourcedefinitions",
+    "ServiceAccount": "serviceaccounts",
+    "ClusterRole": "clusterroles",
+    "ClusterRoleBinding": "clusterrolebindings",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Deployment": "deployments",
+    "Service": "services",
+    "VirtualService": "virtualservices",
+    "DestinationRule": "destinationrules",
+    "BirdWatch": "birdwatches",
+    "Secret": "secrets",
+    "ConfigMap": "configmaps",
 }
 _CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
 
@@ -262,12 +275,16 @@ class ControlPlane:
         etcd = Server(
             "etcd",
             [
-                str(self.assets.etcd), "--name=envtest", f"--data-dir={self.workdir / 'etcd-data'}",
-                f"--listen-client-urls={self.etcd_url}", f"--advertise-client-urls={self.etcd_url}",
+                str(self.assets.etcd),
+                "--name=envtest",
+                f"--data-dir={self.workdir / 'etcd-data'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
                 f"--listen-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
                 f"--initial-advertise-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
                 f"--initial-cluster=envtest=http://127.0.0.1:{self.etcd_peer_port}",
-                "--unsafe-no-fsync=true", "--log-level=warn",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
                 # etcd's own default is far below what hundreds of canaries write during a benchmark.
                 "--quota-backend-bytes=4294967296",
             ],
@@ -283,25 +300,33 @@ class ControlPlane:
                 str(self.assets.kube_apiserver),
                 f"--etcd-servers={self.etcd_url}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
-                f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
                 f"--client-ca-file={self.ca}",
-                f"--secure-port={self.api_port}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-                "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount", "--authorization-mode=RBAC",
+                f"--secure-port={self.api_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+                "--disable-admission-plugins=ServiceAccount",
+                "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={sa.cert}", f"--service-account-signing-key-file={sa.key}",
-                "--profiling=false", "--v=0",
+                f"--service-account-key-file={sa.cert}",
+                f"--service-account-signing-key-file={sa.key}",
+                # The "kubernetes" Service's endpoints cannot be a loopback address; nothing here needs them.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                "--v=0",
             ],
             self.workdir / "kube-apiserver.log",
         )
         self.servers.append(apiserver)
         apiserver.start(detach=detach)
-        self.kubeconfig = write_kubeconfig(
-            self.workdir / "kubeconfig", server=self.url, ca=self.ca, client=self.admin
-        )
+        self.kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", server=self.url, ca=self.ca, client=self.admin)
         api = self.http()
-        wait_until("kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200,
-                   timeout=90, server=apiserver)
+        wait_until(
+            "kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200, timeout=90, server=apiserver
+        )
         self.install_crds(api, extra_crds)
 
     def install_crds(self, api: KubeHTTP, extra: Sequence[Path] = ()) -> None:

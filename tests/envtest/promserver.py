@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -51,15 +50,17 @@ class PrometheusServer:
         self.server = Server(
             "prometheus",
             [
-                str(self.binary), f"--config.file={config_file}",
-                f"--storage.tsdb.path={self.workdir / 'data'}", "--storage.tsdb.retention.time=2h",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
+                str(self.binary),
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                "--storage.tsdb.retention.time=2h",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
             ],
             self.workdir / "prometheus.log",
         )
         self.server.start(detach=detach)
-        wait_until("Prometheus /-/ready", lambda: _get(f"{self.url}/-/ready")[0] == 200,
-                   timeout=60, server=self.server)
+        wait_until("Prometheus /-/ready", lambda: _get(f"{self.url}/-/ready")[0] == 200, timeout=60, server=self.server)
 
     def add_targets(self, name: str, targets: Sequence[str], labels: dict[str, str] | None = None) -> None:
         tmp = self.targets_dir / f".{name}.json.tmp"

@@ -39,7 +39,9 @@ def _running(state: dict[str, object]) -> bool:
         return False
     try:
         api = KubeHTTP(
-            "127.0.0.1", int(str(state["api_port"])), ca=Path(str(state["ca"])),
+            "127.0.0.1",
+            int(str(state["api_port"])),
+            ca=Path(str(state["ca"])),
             client=Pair(Path(str(state["admin_cert"])), Path(str(state["admin_key"]))),
         )
         return api.request("GET", "/readyz")[0] == 200
@@ -73,12 +75,19 @@ def up() -> int:
     kubeconfig = SANDBOX / "kubeconfig"
     shutil.copy(plane.kubeconfig, kubeconfig)
     kubeconfig.chmod(0o600)
-    STATE.write_text(json.dumps({
-        "pids": {s.name: s.pid for s in [*plane.servers, prometheus.server]},
-        "api_port": plane.api_port, "ca": str(plane.ca),
-        "admin_cert": str(plane.admin.cert), "admin_key": str(plane.admin.key),
-        "prometheus_url": prometheus.url,
-    }, indent=2))
+    STATE.write_text(
+        json.dumps(
+            {
+                "pids": {s.name: s.pid for s in [*plane.servers, prometheus.server]},
+                "api_port": plane.api_port,
+                "ca": str(plane.ca),
+                "admin_cert": str(plane.admin.cert),
+                "admin_key": str(plane.admin.key),
+                "prometheus_url": prometheus.url,
+            },
+            indent=2,
+        )
+    )
     kubectl = assets.kubectl or shutil.which("kubectl") or "kubectl"
     (SANDBOX / "env").write_text(
         f"KUBECONFIG={kubeconfig}\n"
@@ -121,8 +130,9 @@ def status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sandbox", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sandbox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
     return {"up": up, "down": down, "status": status}[args.command]()

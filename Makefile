@@ -38,3 +38,6 @@ sandbox-down: install ## stop the sandbox
 
 clean: sandbox-down ## stop the sandbox and remove local state (keeps the binary cache)
 	rm -rf .sandbox .test-logs .demo build dist src/*.egg-info
+
+bench: install assets ## the benchmark: 10, 100 and 500 concurrent canaries on the sandbox (results in bench/results/)
+	$(BIN)/python bench/bench.py

@@ -213,11 +213,13 @@ class Canary:
         return parse_time(record.step_time) if self.weight else None
 
     async def _wait_until_ready(self, spec: BirdWatchSpec) -> None:
+        assert self.router is not None
+        labels = self.router.canary_labels()
         started = time.monotonic()
         announced = False
         while True:
             ok, why = await self._kube(
-                lambda: canary_available(self._ports.kube, namespace=self.namespace, version=spec.canary_version)
+                lambda: canary_available(self._ports.kube, namespace=self.namespace, labels=labels)
             )
             if ok:
                 log.info("canary deployment available", detail=why)

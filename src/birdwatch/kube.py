@@ -1,22 +1,26 @@
-"""A lean asynchronous Kubernetes REST client on top of kubernetes_asyncio's configuration and session.
+"""A lean asynchronous Kubernetes REST client on kubernetes_asyncio's configuration.
 
-kubernetes_asyncio loads kubeconfig / in-cluster credentials and owns the TLS-configured aiohttp session; the
-requests themselves go straight through that session. The generated API classes spend ~1 ms of CPU per call on
-(de)serialisation and parameter handling, about 5x a bare request, and a canary step makes three calls. Going
-direct also gives one place where HTTP statuses become typed errors, and a watch with a read timeout.
+kubernetes_asyncio loads the credentials (kubeconfig, in-cluster service account, exec plugins, token refresh);
+requests go through one aiohttp session set up with the same TLS. The generated API classes spend ~1 ms of CPU per
+call on (de)serialisation and parameter handling, about 5x a bare request, and their session looks up proxies and
+.netrc in a worker thread on every request; a canary step makes three calls. Going direct also gives one place where
+HTTP statuses become typed errors, and a watch with a read timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
+from yarl import URL
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -106,11 +110,19 @@ class WatchEvent:
 class Kube:
     """The API calls birdwatch makes; every method raises a ``KubeError`` subclass on failure."""
 
-    def __init__(self, api_client: k8s.ApiClient, *, request_timeout: float = 30.0) -> None:
-        self._api = api_client
-        self._config: k8s.Configuration = api_client.configuration
-        self._host = str(self._config.host or "").rstrip("/")
+    def __init__(self, configuration: k8s.Configuration, *, pool_size: int = 64, request_timeout: float = 30.0) -> None:
+        self._config = configuration
+        self._host = str(configuration.host or "").rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=10)
+        self._server_hostname: str | None = configuration.tls_server_name or None
+        # Resolved once: aiohttp's trust_env (kubernetes_asyncio's default) looks up proxies and .netrc in a
+        # thread for every request, which cost more CPU than the request itself in the benchmark.
+        self._proxy: str | None = configuration.proxy or _env_proxy(self._host)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool_size, ssl=_ssl_context(configuration)),
+            read_bufsize=2**21,  # a watch event carries a whole object; etcd allows 1.5 MiB
+            cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets no cookies; skip the jar's work
+        )
 
     @classmethod
     async def connect(cls, *, kubeconfig: str | None, context: str | None = None, pool_size: int = 64) -> Kube:
@@ -125,16 +137,14 @@ class Kube:
                 k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             except k8s_config.ConfigException:
                 await k8s_config.load_kube_config(context=context, client_configuration=configuration)
-        # Many canaries write at once; the default pool (a few connections) would queue them behind each other.
-        configuration.connection_pool_maxsize = pool_size
-        return cls(k8s.ApiClient(configuration))
+        return cls(configuration, pool_size=pool_size)
 
     @property
     def host(self) -> str:
         return self._host
 
     async def close(self) -> None:
-        await self._api.close()
+        await self._session.close()
 
     async def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "birdwatch"}
@@ -145,11 +155,6 @@ class Kube:
         if token:
             headers["Authorization"] = token
         return headers
-
-    @property
-    def _session(self) -> aiohttp.ClientSession:
-        session: aiohttp.ClientSession = self._api.rest_client.pool_manager
-        return session
 
     async def request(
         self,
@@ -164,7 +169,14 @@ class Kube:
         headers = await self._headers(content_type if data is not None else None)
         try:
             async with self._session.request(
-                method, self._host + path, data=data, params=params, headers=headers, timeout=self._timeout
+                method,
+                self._host + path,
+                data=data,
+                params=params,
+                headers=headers,
+                timeout=self._timeout,
+                proxy=self._proxy,
+                server_hostname=self._server_hostname,
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
@@ -239,7 +251,14 @@ class Kube:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=read_timeout)
         path = resource.path(namespace)
         try:
-            async with self._session.get(self._host + path, params=params, headers=headers, timeout=timeout) as resp:
+            async with self._session.get(
+                self._host + path,
+                params=params,
+                headers=headers,
+                timeout=timeout,
+                proxy=self._proxy,
+                server_hostname=self._server_hostname,
+            ) as resp:
                 if resp.status >= 400:
                     raise _error(resp.status, await resp.read())
                 async for line in resp.content:
@@ -253,3 +272,25 @@ class Kube:
                     yield WatchEvent(kind, obj)
         except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
             raise KubeError(0, "WatchBroken", f"watch {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _ssl_context(configuration: k8s.Configuration) -> ssl.SSLContext:
+    """TLS as kubernetes_asyncio sets it up from a kubeconfig or in-cluster configuration."""
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, keyfile=configuration.key_file)
+    if not configuration.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if configuration.disable_strict_ssl_verification:
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
+
+
+def _env_proxy(host: str) -> str | None:
+    """HTTPS_PROXY / HTTP_PROXY for the API server, unless NO_PROXY exempts it (as kubectl does)."""
+    try:
+        proxy, _ = get_env_proxy_for_url(URL(host))
+    except LookupError:
+        return None
+    return str(proxy)

@@ -270,6 +270,17 @@ class Router:
     def record(self) -> Record | None:
         return Record.parse(self.vs)
 
+    def canary_labels(self) -> dict[str, str]:
+        """The labels the canary subset selects pods by (at least ``version: <canary_version>``)."""
+        assert self.subsets is not None
+        for subset in (self.dr.get("spec") or {}).get("subsets") or []:
+            if subset.get("name") == self.subsets.canary:
+                return {
+                    **{str(k): str(v) for k, v in (subset.get("labels") or {}).items()},
+                    VERSION_LABEL: self.canary_version,
+                }
+        return {VERSION_LABEL: self.canary_version}
+
     async def prepare_destination_rule(self) -> bool:
         """Make sure the canary subset exists and selects the canary's version. True if it wrote."""
         assert self.subsets is not None

@@ -1,9 +1,9 @@
-"""Whether the canary's pods can take traffic: its Deployment (labelled ``version: <canary_version>``) is available."""
+"""Whether the canary's pods can take traffic: the Deployments carrying the canary subset's labels (its
+``version: <canary_version>`` and whatever else the subset selects on, such as ``app``) are all available."""
 
 from __future__ import annotations
 
 from .kube import DEPLOYMENTS, Kube, Obj
-from .router import VERSION_LABEL
 
 
 def deployment_available(deployment: Obj) -> tuple[bool, str]:
@@ -21,11 +21,12 @@ def deployment_available(deployment: Obj) -> tuple[bool, str]:
     return True, f"Deployment {name}: {available}/{wanted} replicas available"
 
 
-async def canary_available(kube: Kube, *, namespace: str, version: str) -> tuple[bool, str]:
-    """(True, summary) once every Deployment labelled with the canary's version is fully available."""
-    items, _ = await kube.list(DEPLOYMENTS, namespace, label_selector=f"{VERSION_LABEL}={version}")
+async def canary_available(kube: Kube, *, namespace: str, labels: dict[str, str]) -> tuple[bool, str]:
+    """(True, summary) once every Deployment carrying ``labels`` is fully available."""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    items, _ = await kube.list(DEPLOYMENTS, namespace, label_selector=selector)
     if not items:
-        return False, f"no Deployment labelled {VERSION_LABEL}={version} in namespace {namespace}"
+        return False, f"no Deployment labelled {selector} in namespace {namespace}"
     verdicts = [deployment_available(d) for d in items]
     waiting = [why for ok, why in verdicts if not ok]
     if waiting:

@@ -1,0 +1,490 @@
+"""`make bench`: what one canary step costs birdwatch, and how it scales with concurrent canaries.
+
+Against the sandbox (real kube-apiserver and Prometheus, see tests/envtest/sandbox.py), for each N it creates N
+VirtualServices, DestinationRules and available Deployments in a fresh namespace, starts `birdwatch run` as its own
+process, creates N BirdWatches (increment 10, a short interval, the cheap metric `vector(0)`), and watches the
+VirtualServices itself to time every traffic write. A last group turns unhealthy mid-rollout to time rollbacks.
+
+It prints, per N: step lateness (time between a canary's traffic writes minus its interval), reaction (creation
+to first traffic write), rollback reaction (an unhealthy value visible in Prometheus to the rollback write), the
+controller's CPU seconds per step and peak RSS, API requests per step by verb (from the API server's own
+apiserver_request_total), Prometheus queries per step, and the run's duration against its ideal. The last line is
+one JSON object; results are kept in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Kube, KubeError  # noqa: E402
+from envtest.controlplane import KubeHTTP, free_port  # noqa: E402
+from envtest.exporter import Exporter  # noqa: E402
+from envtest.pki import Pair  # noqa: E402
+from envtest.sandbox import SANDBOX, STATE, up  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+BIRDWATCH = REPO / ".venv" / "bin" / "birdwatch"
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Canary:
+    name: str
+    created: float = 0.0
+    writes: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, canary weight)
+
+
+@dataclass
+class Result:
+    n: int
+    interval: int
+    steps: int
+    lateness_ms: dict[str, float]
+    reaction_ms: dict[str, float]
+    rollback_reaction_ms: dict[str, float]
+    cpu_ms_per_step: float
+    cpu_user_ms_per_step: float
+    cpu_system_ms_per_step: float
+    rss_mb_peak: float
+    rss_kb_per_canary: float
+    api_requests_per_step: dict[str, float]
+    prometheus_queries_per_step: float
+    duration_ratio: float
+    wrong_endings: int
+
+
+def objects(name: str, namespace: str) -> list[dict[str, Any]]:
+    labels = {"app": name, "version": "v2"}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": f"{name}-v2", "namespace": namespace, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "app", "image": "example.invalid/app:v2"}]},
+                },
+            },
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "host": name,
+                "subsets": [
+                    {"name": "production", "labels": {"app": name, "version": "v1"}},
+                    {"name": "canary", "labels": {"app": name, "version": "v2"}},
+                ],
+            },
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "hosts": [name],
+                "http": [
+                    {
+                        "name": "primary",
+                        "route": [
+                            {"destination": {"host": name, "subset": "production"}, "weight": 100},
+                            {"destination": {"host": name, "subset": "canary"}, "weight": 0},
+                        ],
+                    }
+                ],
+            },
+        },
+    ]
+
+
+def canary_weight(vs: dict[str, Any]) -> int:
+    for d in vs["spec"]["http"][0]["route"]:
+        if d["destination"]["subset"] == "canary":
+            return int(d.get("weight", 0))
+    return 0
+
+
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def proc_rss_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def request_counts(api: KubeHTTP) -> dict[tuple[str, str], float]:
+    status, body = api.request("GET", "/metrics")
+    assert status == 200, body
+    counts: dict[tuple[str, str], float] = {}
+    pattern = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$")
+    for line in str(body).splitlines():
+        m = pattern.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        key = (labels.get("verb", ""), resource)
+        counts[key] = counts.get(key, 0.0) + float(m.group(2))
+    return counts
+
+
+def prometheus_queries(url: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:  # noqa: S310 - the sandbox's loopback URL
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def follow(kube: Kube, namespace: str, canaries: dict[str, Canary], stop: asyncio.Event) -> None:
+    """Time every traffic write from our own watch of the VirtualServices."""
+    items, rv = await kube.list(VIRTUALSERVICES, namespace)
+    last = {item["metadata"]["name"]: canary_weight(item) for item in items}
+    while not stop.is_set():
+        try:
+            async for event in kube.watch(VIRTUALSERVICES, namespace, resource_version=rv, timeout_seconds=60):
+                now = time.monotonic()
+                rv = event.object["metadata"].get("resourceVersion", rv)
+                if event.type != "MODIFIED":
+                    continue
+                name = event.object["metadata"]["name"]
+                weight = canary_weight(event.object)
+                if name in canaries and last.get(name) != weight:
+                    last[name] = weight
+                    canaries[name].writes.append((now, weight))
+        except KubeError:
+            await asyncio.sleep(0.2)
+
+
+async def run_one(
+    n: int,
+    *,
+    interval: int,
+    bad: int,
+    env: dict[str, str],
+    api: KubeHTTP,
+    exporter: Exporter,
+    log_dir: Path,
+    profile: bool = False,
+) -> Result:
+    namespace = f"bench-{n}-{uuid.uuid4().hex[:5]}"
+    api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    names = [f"svc-{i:04d}" for i in range(n)]
+    bad_names = set(names[:bad])
+    for name in names:
+        for obj in objects(name, namespace):
+            api.apply(obj)
+        status, body = api.request(
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}-v2/status",
+            {
+                "status": {
+                    "observedGeneration": 1,
+                    "replicas": 1,
+                    "updatedReplicas": 1,
+                    "readyReplicas": 1,
+                    "availableReplicas": 1,
+                }
+            },
+            content_type="application/merge-patch+json",
+        )
+        assert status == 200, body
+    exporter.set_gauge("bench_errors", 0.0, ns=namespace)
+
+    health = free_port()
+    log_file = (log_dir / f"birdwatch-{n}.log").open("w")
+    command = [str(BIRDWATCH)]
+    if profile:
+        command = [
+            str(REPO / ".venv" / "bin" / "python"),
+            "-m",
+            "cProfile",
+            "-o",
+            str(log_dir / f"profile-{n}.prof"),
+            "-m",
+            "birdwatch",
+        ]
+    proc = subprocess.Popen(
+        [
+            *command,
+            "run",
+            "--kubeconfig",
+            env["KUBECONFIG"],
+            "--prometheus-url",
+            env["PROMETHEUS_URL"],
+            "--namespace",
+            namespace,
+            "--health-address",
+            f"127.0.0.1:{health}",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "SLACK_API_TOKEN": ""},
+    )
+    kube = await Kube.connect(kubeconfig=env["KUBECONFIG"])
+    canaries = {name: Canary(name) for name in names}
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(follow(kube, namespace, canaries, stop))
+    try:
+        await asyncio.sleep(2.0)  # the controller's LIST and WATCH are up
+        cpu0, req0, q0 = proc_cpu_seconds(proc.pid), request_counts(api), prometheus_queries(env["PROMETHEUS_URL"])
+        good_metric = "vector(0)"
+        bad_metric = f'max(bench_errors{{ns="{namespace}"}})'
+        started = time.monotonic()
+
+        async def create(name: str) -> None:
+            spec = {
+                "service": name,
+                "canary_version": "v2",
+                "increment": 10,
+                "interval": interval,
+                "deviation": 0.5,
+                "metric": bad_metric if name in bad_names else good_metric,
+            }
+            canaries[name].created = time.monotonic()
+            await kube.create(
+                BIRDWATCHES,
+                namespace,
+                {"apiVersion": "otomato.link/v1alpha1", "kind": "BirdWatch", "metadata": {"name": name}, "spec": spec},
+            )
+
+        for i in range(0, n, 50):
+            await asyncio.gather(*(create(name) for name in names[i : i + 50]))
+
+        # Turn the unhealthy group bad once each of them is at 30 %, and time the rollback from the moment
+        # Prometheus shows the bad value.
+        visible_at = 0.0
+        if bad_names:
+            while min(max((w for _, w in canaries[b].writes), default=0) for b in bad_names) < 30:
+                await asyncio.sleep(0.05)
+            exporter.set_gauge("bench_errors", 1.0, ns=namespace)
+            while True:
+                out = await asyncio.to_thread(_query, env["PROMETHEUS_URL"], bad_metric)
+                if out == 1.0:
+                    visible_at = time.monotonic()
+                    break
+                await asyncio.sleep(0.05)
+
+        deadline = started + interval * 12 + 120
+        while time.monotonic() < deadline:
+            done = sum(1 for c in canaries.values() if c.writes and c.writes[-1][1] in (0,) and len(c.writes) > 1)
+            if done == n:
+                break
+            await asyncio.sleep(0.5)
+        ended = time.monotonic()
+        cpu1, req1, q1 = proc_cpu_seconds(proc.pid), request_counts(api), prometheus_queries(env["PROMETHEUS_URL"])
+        rss_peak = proc_rss_kb(proc.pid, "VmHWM")
+        statuses = (await kube.list(BIRDWATCHES, namespace))[0]
+    finally:
+        stop.set()
+        watcher.cancel()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+        await kube.close()
+
+    steps = sum(len([w for _, w in c.writes if w > 0]) for c in canaries.values())
+    lateness: list[float] = []
+    reaction: list[float] = []
+    rollback: list[float] = []
+    ratios: list[float] = []
+    for c in canaries.values():
+        up_steps = [(t, w) for t, w in c.writes if w > 0]
+        if up_steps:
+            reaction.append(up_steps[0][0] - c.created)
+        for (t0, _), (t1, _) in zip(up_steps, up_steps[1:], strict=False):
+            lateness.append(t1 - t0 - interval)
+        if c.name in bad_names:
+            zero = [t for t, w in c.writes if w == 0 and t > visible_at]
+            if zero and visible_at:
+                rollback.append(zero[0] - visible_at)
+        elif up_steps and c.writes[-1][1] == 0:
+            ratios.append((c.writes[-1][0] - up_steps[0][0]) / (len(up_steps) * interval))
+    wanted = {name: ("RolledBack" if name in bad_names else "Promoted") for name in names}
+    wrong = sum(1 for obj in statuses if (obj.get("status") or {}).get("phase") != wanted[obj["metadata"]["name"]])
+    bench_requests = {("POST", "birdwatches"): n}  # ours; everything else on these resources is birdwatch's
+    per_verb: dict[str, float] = {}
+    for (verb, resource), value in req1.items():
+        if resource.split("/")[0] not in (
+            "virtualservices",
+            "destinationrules",
+            "birdwatches",
+            "events",
+            "deployments",
+        ):
+            continue
+        delta = value - req0.get((verb, resource), 0.0) - bench_requests.get((verb, resource), 0)
+        if delta > 0 and verb != "WATCH":
+            per_verb[f"{verb} {resource}"] = round(delta / max(steps, 1), 3)
+    ms = lambda xs: {
+        "p50": round(pct(xs, 50) * 1000, 1),
+        "p99": round(pct(xs, 99) * 1000, 1),  # noqa: E731
+        "max": round(max(xs, default=float("nan")) * 1000, 1),
+    }
+    return Result(
+        n=n,
+        interval=interval,
+        steps=steps,
+        lateness_ms=ms(lateness),
+        reaction_ms=ms(reaction),
+        rollback_reaction_ms=ms(rollback),
+        cpu_ms_per_step=round((sum(cpu1) - sum(cpu0)) / max(steps, 1) * 1000, 3),
+        cpu_user_ms_per_step=round((cpu1[0] - cpu0[0]) / max(steps, 1) * 1000, 3),
+        cpu_system_ms_per_step=round((cpu1[1] - cpu0[1]) / max(steps, 1) * 1000, 3),
+        rss_mb_peak=round(rss_peak / 1024, 1),
+        rss_kb_per_canary=round(rss_peak / n, 1),
+        api_requests_per_step=per_verb,
+        prometheus_queries_per_step=round((q1 - q0) / max(steps, 1), 3),
+        duration_ratio=round(statistics.median(ratios), 3) if ratios else float("nan"),
+        wrong_endings=wrong,
+    )
+
+
+def _query(url: str, promql: str) -> float | None:
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(
+        f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}),  # noqa: S310
+        timeout=5,
+    ) as resp:
+        result = json.loads(resp.read())["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gb": round(int(mem) / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, action="append", help="concurrent canaries (repeatable); default 10 100 500")
+    parser.add_argument("--interval", type=int, default=2)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run birdwatch under cProfile (slower); the profile lands in .sandbox/bench/",
+    )
+    parser.add_argument("--bad", type=float, default=0.1, help="share of canaries that turn unhealthy (default 0.1)")
+    args = parser.parse_args()
+    if up() != 0:
+        return 1
+    env = dict(line.split("=", 1) for line in (SANDBOX / "env").read_text().splitlines() if "=" in line)
+    state = json.loads(STATE.read_text())
+    api = KubeHTTP(
+        "127.0.0.1",
+        int(state["api_port"]),
+        ca=Path(state["ca"]),
+        client=Pair(Path(state["admin_cert"]), Path(state["admin_key"])),
+    )
+    exporter = Exporter().start()
+    targets = Path(env["BIRDWATCH_PROM_TARGETS"])
+    (targets / "bench.json").write_text(json.dumps([{"targets": [exporter.address]}]))
+    log_dir = SANDBOX / "bench"
+    log_dir.mkdir(exist_ok=True)
+    results = []
+    try:
+        time.sleep(2.5)  # Prometheus picks up the exporter
+        for n in args.n or [10, 100, 500]:
+            bad = max(1, int(n * args.bad)) if args.bad > 0 else 0
+            result = asyncio.run(
+                run_one(
+                    n,
+                    interval=args.interval,
+                    bad=bad,
+                    env=env,
+                    api=api,
+                    exporter=exporter,
+                    log_dir=log_dir,
+                    profile=args.profile,
+                )
+            )
+            results.append(result)
+            print(
+                f"N={n:5d}  steps {result.steps:6d}  lateness p50/p99/max {result.lateness_ms['p50']}/"
+                f"{result.lateness_ms['p99']}/{result.lateness_ms['max']} ms  reaction p50/p99 "
+                f"{result.reaction_ms['p50']}/{result.reaction_ms['p99']} ms  rollback reaction p50/p99 "
+                f"{result.rollback_reaction_ms['p50']}/{result.rollback_reaction_ms['p99']} ms",
+                flush=True,
+            )
+            print(
+                f"         cpu {result.cpu_ms_per_step} ms/step (user {result.cpu_user_ms_per_step}, system "
+                f"{result.cpu_system_ms_per_step})  rss peak {result.rss_mb_peak} MB "
+                f"({result.rss_kb_per_canary} kB/canary)  api/step {result.api_requests_per_step}  "
+                f"prom queries/step {result.prometheus_queries_per_step}  duration/ideal {result.duration_ratio}  "
+                f"wrong endings {result.wrong_endings}",
+                flush=True,
+            )
+    finally:
+        exporter.stop()
+        (targets / "bench.json").unlink(missing_ok=True)
+    summary = {
+        "machine": machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": [asdict(r) for r in results],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"saved {out.relative_to(REPO)}")
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,8 +27,11 @@ lint: install ## ruff and mypy --strict
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy
 
-test: install assets lint ## everything: lint, unit and integration tests on the real control plane
+test: install assets lint wheel-check ## everything: lint, the wheel's install, unit and integration tests
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+wheel-check: ## the container image's install steps without Docker: wheel into a clean venv, --version, run --help
+	bash hack/check-wheel.sh
 
 sandbox-up: install assets ## start etcd, kube-apiserver and Prometheus in the background (.sandbox/env says where)
 	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox up

@@ -191,7 +191,8 @@ class Canary:
         if record.generation == self.generation:
             self.weight = record.weight
             self.baseline = record.baseline
-            log.info("resuming rollout", weight=self.weight, baseline=self.baseline, step_time=record.step_time)
+            structlog.contextvars.bind_contextvars(weight=self.weight, baseline=self.baseline)
+            log.info("resuming rollout", step_time=record.step_time)
             return parse_time(record.step_time) or time.time()
         # The spec changed mid-rollout.
         if record.canary != spec.canary_version:

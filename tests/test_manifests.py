@@ -1,0 +1,424 @@
+"""deploy/ as an operator installs it: both ``kubectl apply -f deploy/`` and ``kubectl apply -k deploy/`` succeed on
+the real API server, the RBAC rules hold no wildcard, the Deployment is locked down, and birdwatch runs a whole
+rollout under its ServiceAccount's own identity, so the ClusterRole and the leader-election Role are enough.
+
+The ServiceAccount's identity comes from a real token (TokenRequest API). A kubeconfig that impersonates it
+(``as:`` / ``as-groups:``) would not do: kubernetes_asyncio's kubeconfig loader ignores those fields, and birdwatch
+would silently run as the harness's admin in system:masters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from birdwatch.cli import build_parser
+from birdwatch.config import DEFAULT_PROMETHEUS, settings_from
+from birdwatch.kube import BIRDWATCHES, LEASES, Kube, KubeError, Resource
+from birdwatch.runner import App
+from envtest.assets import REPO, Assets
+from envtest.controlplane import ControlPlane, KubeHTTP, load_yaml_documents, resource_path
+from envtest.exporter import Exporter
+from envtest.promserver import PrometheusServer
+from kit import Cluster, birdwatch, eventually, mesh
+
+DEPLOY = REPO / "deploy"
+SYSTEM_NS = "birdwatch-system"
+SA_NAME = "birdwatch"
+SA_USER = f"system:serviceaccount:{SYSTEM_NS}:{SA_NAME}"
+KUSTOMIZE_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+# What kubectl apply -f DIR reads (not recursively): files with these extensions, in name order.
+KUBECTL_EXTENSIONS = (".yaml", ".yml", ".json")
+SECRETS = Resource("", "v1", "secrets", "Secret")
+
+Obj = dict[str, Any]
+
+
+# --- the manifests as files ---------------------------------------------------------------------------------------
+
+
+def manifest_files() -> list[Path]:
+    """The files ``kubectl apply -f deploy/`` reads, in the order it reads them (examples/ is a folder: skipped)."""
+    return sorted(p for p in DEPLOY.iterdir() if p.is_file() and p.suffix in KUBECTL_EXTENSIONS)
+
+
+def manifests() -> list[Obj]:
+    return [doc for path in manifest_files() for doc in load_yaml_documents(path)]
+
+
+def kustomization() -> Path:
+    found = [DEPLOY / name for name in KUSTOMIZE_NAMES if (DEPLOY / name).exists()]
+    assert len(found) == 1, f"deploy/ needs exactly one kustomization file, has {[p.name for p in found]}"
+    return found[0]
+
+
+def one(kind: str, name: str) -> Obj:
+    found = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name} in deploy/, found {len(found)}"
+    return found[0]
+
+
+def ident(obj: Obj) -> tuple[str, str, str, str]:
+    meta = obj["metadata"]
+    return (obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
+
+
+# --- kubectl against the session's control plane -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kubectl(assets: Assets) -> Path:
+    found = assets.kubectl or shutil.which("kubectl")
+    if not found:
+        pytest.skip("no kubectl: hack/install-control-plane.sh builds one unless KUBEBUILDER_ASSETS lacks it")
+    return Path(found)
+
+
+def run_kubectl(kubectl: Path, plane: ControlPlane, *args: str) -> str:
+    done = subprocess.run(
+        [str(kubectl), "--kubeconfig", str(plane.kubeconfig), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"kubectl {' '.join(args)} failed ({done.returncode}):\n{done.stderr}{done.stdout}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(kubectl: Path, control_plane: ControlPlane) -> str:
+    """``kubectl apply -f deploy/`` once for the module (the CRD is there already: the harness installed it)."""
+    return run_kubectl(kubectl, control_plane, "apply", "-f", "deploy/")
+
+
+def test_apply_f_and_apply_k_both_succeed_and_create_the_same_objects(
+    installed: str, kubectl: Path, control_plane: ControlPlane, admin_http: KubeHTTP
+) -> None:
+    docs = manifests()
+    assert {d["kind"] for d in docs} >= {
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+    }
+    # Every object of every file was applied (kubectl prints one line per object) and is on the server now.
+    assert len(installed.strip().splitlines()) == len(docs), installed
+    for doc in docs:
+        path = resource_path(doc) + "/" + doc["metadata"]["name"]
+        status, body = admin_http.request("GET", path)
+        assert status == 200, f"{doc['kind']} {doc['metadata']['name']}: {status} {body}"
+
+    # The kustomization names exactly the files -f reads: the same objects either way.
+    built = [d for d in yaml.safe_load_all(run_kubectl(kubectl, control_plane, "kustomize", "deploy/")) if d]
+    assert sorted(map(ident, built)) == sorted(map(ident, docs))
+    assert not any("examples" in str(r) for r in yaml.safe_load(kustomization().read_text())["resources"])
+
+    # -k after -f changes nothing (the same objects), and -f is repeatable.
+    applied_k = run_kubectl(kubectl, control_plane, "apply", "-k", "deploy/").strip().splitlines()
+    assert len(applied_k) == len(docs)
+    assert all(line.endswith(" unchanged") for line in applied_k), applied_k
+    again = run_kubectl(kubectl, control_plane, "apply", "-f", "deploy/").strip().splitlines()
+    assert all(line.endswith(" unchanged") for line in again), again
+
+
+def test_apply_f_creates_the_namespace_before_what_lives_in_it() -> None:
+    """kubectl apply -f takes files in name order and does not sort by kind: on a new cluster, an object in
+    birdwatch-system applied before the Namespace fails with 'namespaces "birdwatch-system" not found'."""
+    order = [(path.name, doc) for path in manifest_files() for doc in load_yaml_documents(path)]
+    first_ns = next(i for i, (_, d) in enumerate(order) if d["kind"] == "Namespace")
+    inside = [(f, d["kind"]) for i, (f, d) in enumerate(order[:first_ns]) if d["metadata"].get("namespace")]
+    assert not inside, f"applied before the Namespace by kubectl apply -f deploy/: {inside}"
+    # A kustomization.yaml would be read by -f as an object of kind Kustomization, and fail.
+    assert not any(d.get("kind") == "Kustomization" for _, d in order), "use the file name Kustomization"
+
+
+# --- RBAC -----------------------------------------------------------------------------------------------------------
+
+
+def rbac_rules() -> list[tuple[str, Obj]]:
+    return [
+        (f"{d['kind']} {d['metadata']['name']}", rule)
+        for d in manifests()
+        if d["kind"] in ("ClusterRole", "Role")
+        for rule in d.get("rules") or []
+    ]
+
+
+def test_no_rbac_rule_uses_a_wildcard() -> None:
+    rules = rbac_rules()
+    assert rules
+    for where, rule in rules:
+        for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            values = rule.get(key) or []
+            assert all("*" not in str(v) for v in values), f"{where}: {key} {values} holds a wildcard"
+    assert not any(d["kind"] == "ClusterRole" and d.get("aggregationRule") for d in manifests())
+
+
+def test_rbac_grants_exactly_what_birdwatch_needs() -> None:
+    def grants(kind: str, name: str) -> set[tuple[str, str, str]]:
+        obj = one(kind, name)
+        return {
+            (group, resource, verb)
+            for rule in obj["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+
+    def each(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str, str, str]]:
+        return {(group, r, v) for r in resources for v in verbs}
+
+    istio = ["virtualservices", "destinationrules"]
+    assert grants("ClusterRole", "birdwatch") == (
+        each("otomato.link", ["birdwatches"], ["get", "list", "watch", "patch"])
+        | each("otomato.link", ["birdwatches/status"], ["get", "patch", "update"])
+        | each("networking.istio.io", istio, ["get", "list", "watch", "patch", "update"])
+        | each("apps", ["deployments"], ["get", "list", "watch"])
+        | each("", ["events"], ["create", "patch"])
+    )
+    role = one("Role", "birdwatch-leader-election")
+    assert role["metadata"]["namespace"] == SYSTEM_NS
+    leases = each("coordination.k8s.io", ["leases"], ["get", "create", "update"])
+    assert grants("Role", "birdwatch-leader-election") == leases
+    subject = {"kind": "ServiceAccount", "name": SA_NAME, "namespace": SYSTEM_NS}
+    binding = one("ClusterRoleBinding", "birdwatch")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "birdwatch"}
+    assert binding["subjects"] == [subject]
+    role_binding = one("RoleBinding", "birdwatch-leader-election")
+    assert role_binding["metadata"]["namespace"] == SYSTEM_NS
+    assert role_binding["roleRef"]["kind"] == "Role"
+    assert role_binding["roleRef"]["name"] == "birdwatch-leader-election"
+    assert role_binding["subjects"] == [subject]
+    assert one("ServiceAccount", SA_NAME)["metadata"]["namespace"] == SYSTEM_NS
+
+
+# --- the Deployment -------------------------------------------------------------------------------------------------
+
+
+def test_deployment_is_locked_down_and_runs_with_leader_election() -> None:
+    dep = one("Deployment", "birdwatch")
+    assert dep["metadata"]["namespace"] == SYSTEM_NS
+    spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
+    assert spec["replicas"] == 2
+    assert pod["serviceAccountName"] == SA_NAME
+    assert pod["terminationGracePeriodSeconds"] == 15
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8080"
+    assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+    assert set(spec["selector"]["matchLabels"].items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items())
+
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/otomato-gh/birdwatch:0.1.0"
+    pod_sc, sc = pod.get("securityContext") or {}, container["securityContext"]
+
+    def setting(key: str) -> Any:  # the container's own setting wins over the pod's
+        return sc[key] if key in sc else pod_sc.get(key)
+
+    assert setting("runAsNonRoot") is True
+    uid = setting("runAsUser")
+    assert type(uid) is int, f"runAsUser must be a numeric UID, not {uid!r}"
+    assert uid > 0, "runAsUser 0 is root"
+    assert (setting("seccompProfile") or {}).get("type") == "RuntimeDefault"
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc["capabilities"].get("add")
+    assert not sc.get("privileged")
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) >= {"cpu", "memory"}, kind
+
+    (port,) = container["ports"]
+    assert port == {"name": "http-metrics", "containerPort": 8080, "protocol": "TCP"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["SLACK_API_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "birdwatch-slack", "key": "token", "optional": True}
+    }
+    assert env["PROMETHEUS_URL"]["value"] == DEFAULT_PROMETHEUS
+    assert env["SLACK_CHANNEL"]["value"]
+
+    # birdwatch itself accepts the arguments and environment: `birdwatch run` is the image's entrypoint.
+    values = {name: e.get("value", "") for name, e in env.items()}
+    values |= {"POD_NAME": "birdwatch-7d4b9c-x2x9k", "POD_NAMESPACE": SYSTEM_NS, "SLACK_API_TOKEN": "xoxb-from-secret"}
+    settings = settings_from(build_parser(values).parse_args(["run", *container.get("args", [])]), values)
+    assert settings.leader.enabled
+    assert settings.leader.namespace == SYSTEM_NS
+    assert settings.leader.identity == "birdwatch-7d4b9c-x2x9k"
+    assert settings.health_address is not None
+    assert settings.health_address.endswith(":8080")
+    assert settings.slack_token == "xoxb-from-secret"
+    # SIGTERM's grace fits inside the pod's: canaries get their safe point before the kubelet's SIGKILL.
+    assert settings.shutdown_grace < pod["terminationGracePeriodSeconds"]
+
+
+def test_metrics_service_reaches_the_pods_named_port() -> None:
+    svc = one("Service", "birdwatch-metrics")
+    dep = one("Deployment", "birdwatch")
+    assert svc["metadata"]["namespace"] == SYSTEM_NS
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 8080
+    assert port["targetPort"] == "http-metrics"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"]
+    assert set(svc["spec"]["selector"].items()) <= set(labels.items())
+
+
+# --- a whole rollout as the ServiceAccount ------------------------------------------------------------------------
+
+
+def service_account_kubeconfig(admin: KubeHTTP, plane: ControlPlane, folder: Path) -> Path:
+    """A kubeconfig with a bound token of birdwatch's ServiceAccount, minted through the TokenRequest API."""
+    status, body = admin.request(
+        "POST",
+        f"/api/v1/namespaces/{SYSTEM_NS}/serviceaccounts/{SA_NAME}/token",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
+    )
+    assert status == 201, f"TokenRequest: {status} {body}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "envtest", "cluster": {"server": plane.url, "certificate-authority": str(plane.ca)}}],
+        "users": [{"name": SA_NAME, "user": {"token": body["status"]["token"]}}],
+        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": SA_NAME}}],
+        "current-context": "envtest",
+    }
+    path = folder / "birdwatch-sa.kubeconfig"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def sa_kubeconfig(installed: str, admin_http: KubeHTTP, control_plane: ControlPlane, tmp_path: Path) -> Path:
+    return service_account_kubeconfig(admin_http, control_plane, tmp_path)
+
+
+@pytest.fixture
+async def as_sa(sa_kubeconfig: Path) -> AsyncIterator[Kube]:
+    kube = await Kube.connect(kubeconfig=str(sa_kubeconfig))
+    try:
+        yield kube
+    finally:
+        await kube.close()
+
+
+async def whoami(kube: Kube) -> Obj:
+    review = await kube.request(
+        "POST",
+        "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+    )
+    info: Obj = review["status"]["userInfo"]
+    return info
+
+
+async def test_the_token_is_the_service_accounts_and_no_more(as_sa: Kube, namespace: str) -> None:
+    info = await whoami(as_sa)
+    assert info["username"] == SA_USER
+    assert "system:masters" not in info.get("groups", [])
+    for ns in (SYSTEM_NS, namespace):
+        with pytest.raises(KubeError) as denied:
+            await as_sa.list(SECRETS, ns)
+        assert denied.value.status == 403, denied.value
+    with pytest.raises(KubeError) as denied:  # leases only in birdwatch-system
+        await as_sa.list(LEASES, namespace)
+    assert denied.value.status == 403
+    await as_sa.list(BIRDWATCHES)  # every namespace: what `birdwatch run` without --namespace watches
+
+
+@contextlib.asynccontextmanager
+async def running(argv: list[str]) -> AsyncIterator[App]:
+    """birdwatch in this event loop, built from ``birdwatch run`` arguments; stopped gracefully at the end."""
+    app = App(settings_from(build_parser({}).parse_args(["run", *argv]), {}))
+    task = asyncio.create_task(app.run())
+
+    async def working() -> bool:
+        if task.done():
+            task.result()  # raise what made it stop
+        # With --leader-elect the watchers only exist once this replica holds the Lease.
+        return bool(app.watchers) and all(w.established.is_set() for w in app.watchers)
+
+    try:
+        await eventually(working, timeout=20, what="birdwatch to lead and watch")
+        yield app
+    finally:
+        app.stop()
+        await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+def lease_name() -> str:
+    """Its own Lease, so no other test's (or a crashed run's) holder can make this one wait."""
+    return f"birdwatch-manifests-{uuid.uuid4().hex[:6]}"
+
+
+async def test_a_whole_rollout_under_the_service_account(
+    sa_kubeconfig: Path,
+    as_sa: Kube,
+    cluster: Cluster,
+    admin_http: KubeHTTP,
+    prometheus: PrometheusServer,
+    exporter: Exporter,
+    lease_name: str,
+) -> None:
+    assert (await whoami(as_sa))["username"] == SA_USER
+    ns = cluster.namespace
+    mesh(admin_http, ns, named=True)
+    query = f'max(bwtest_errors{{ns="{ns}"}})'
+    exporter.set_gauge("bwtest_errors", 0.1, ns=ns)
+    prometheus.wait_for_value(query, 0.1)
+    identity = f"birdwatch-sa-test-{uuid.uuid4().hex[:6]}"
+    argv = [
+        *("--kubeconfig", str(sa_kubeconfig)),
+        *("--namespace", ns),
+        *("--prometheus-url", prometheus.url),
+        *("--health-address", "127.0.0.1:0"),
+        *("--log-format", "console", "--log-level", "debug", "--shutdown-grace", "3"),
+        "--leader-elect",
+        *("--leader-elect-namespace", SYSTEM_NS, "--leader-elect-name", lease_name),
+        *("--leader-elect-identity", identity),
+        *("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5"),
+    ]
+    async with running(argv) as app:
+        assert app.settings.kubeconfig == str(sa_kubeconfig)
+        await cluster.create_bw(birdwatch("aleph", metric=query, max_weight=20))
+        status = await cluster.wait_phase("Promoted")
+        lease = await cluster.kube.get(LEASES, SYSTEM_NS, lease_name)
+        assert lease["spec"]["holderIdentity"] == identity
+        assert lease["spec"]["leaseDurationSeconds"] == 4
+    # Status written (birdwatches/status patch), weights and subsets rewritten (virtualservices and
+    # destinationrules get/patch), the canary's Deployment seen (deployments list).
+    assert status["observedGeneration"] == 1
+    assert status["canaryWeight"] == 100
+    assert await cluster.weights() == {"production": 100, "canary": 0}
+    dr = await cluster.dr()
+    assert {s["name"]: s["labels"]["version"] for s in dr["spec"]["subsets"]} == {"production": "v04", "canary": "v04"}
+    # Events created (events create): the recorder flushes its queue when birdwatch stops.
+    events = await cluster.events()
+    reasons = [e["reason"] for e in events]
+    assert {"RolloutStarted", "TrafficShifted", "Promoted"} <= set(reasons), reasons
+    assert all(e["reportingComponent"] == "birdwatch" for e in events)
+    # Leases get/update: stopping released the Lease (the holder is cleared), as a rolling update of the pods would.
+    released = await cluster.kube.get(LEASES, SYSTEM_NS, lease_name)
+    assert not released["spec"].get("holderIdentity")

@@ -15,12 +15,15 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from yarl import URL
+
+from .http11 import Http11Pool
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -118,8 +121,15 @@ class Kube:
         # Resolved once: aiohttp's trust_env (kubernetes_asyncio's default) looks up proxies and .netrc in a
         # thread for every request, which cost more CPU than the request itself in the benchmark.
         self._proxy: str | None = configuration.proxy or _env_proxy(self._host)
+        context = _ssl_context(configuration)
+        # Short requests go through a lean keep-alive client (see http11); watches, which stream, through aiohttp.
+        self._pool = (
+            None
+            if self._proxy
+            else Http11Pool(self._host, ssl_context=context, server_hostname=self._server_hostname, size=pool_size)
+        )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool_size, ssl=_ssl_context(configuration)),
+            connector=aiohttp.TCPConnector(limit=pool_size, ssl=context),
             read_bufsize=2**21,  # a watch event carries a whole object; etcd allows 1.5 MiB
             cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets no cookies; skip the jar's work
         )
@@ -144,6 +154,8 @@ class Kube:
         return self._host
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         await self._session.close()
 
     async def _headers(self, content_type: str | None) -> dict[str, str]:
@@ -167,22 +179,36 @@ class Kube:
     ) -> Obj:
         data = None if body is None else json.dumps(body, separators=(",", ":"))
         headers = await self._headers(content_type if data is not None else None)
-        try:
-            async with self._session.request(
-                method,
-                self._host + path,
-                data=data,
-                params=params,
-                headers=headers,
-                timeout=self._timeout,
-                proxy=self._proxy,
-                server_hostname=self._server_hostname,
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise _error(resp.status, raw)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KubeError(0, "Unreachable", f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if self._pool is not None:
+            target = path + ("?" + urlencode(params) if params else "")
+            try:
+                response = await self._pool.request(
+                    method,
+                    target,
+                    headers=headers,
+                    body=None if data is None else data.encode(),
+                    timeout=self._timeout.total or 30.0,
+                )
+            except (OSError, TimeoutError) as exc:
+                raise KubeError(0, "Unreachable", f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            status, raw = response.status, response.body
+        else:
+            try:
+                async with self._session.request(
+                    method,
+                    self._host + path,
+                    data=data,
+                    params=params,
+                    headers=headers,
+                    timeout=self._timeout,
+                    proxy=self._proxy,
+                    server_hostname=self._server_hostname,
+                ) as resp:
+                    status, raw = resp.status, await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise KubeError(0, "Unreachable", f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if status >= 400:
+            raise _error(status, raw)
         result: Obj = json.loads(raw) if raw else {}
         return result
 

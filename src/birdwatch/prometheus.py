@@ -191,7 +191,8 @@ class PrometheusClient:
             return False, self._scrub(_connection_problem(self._base, exc).message)
         if resp.status == 200:
             return True, "ready"
-        return False, self._scrub(f"Prometheus at {self._base} is not ready: HTTP {resp.status}: {_snippet(body)}")
+        excerpt = _snippet(self._scrub_body(body))
+        return False, self._scrub(f"Prometheus at {self._base} is not ready: HTTP {resp.status}: {excerpt}")
 
     async def _attempt(self, promql: str, bound: float) -> float | None:
         url = f"{self._base}/api/v1/query"
@@ -212,9 +213,9 @@ class PrometheusClient:
             _Answer(
                 base=self._base,
                 status=status,
-                reason=reason,
+                reason=self._scrub(reason),
                 content_type=content_type,
-                body=body,
+                body=self._scrub_body(body),
                 authenticated=self._config.username is not None or self._config.bearer_token_file is not None,
             )
         )
@@ -264,6 +265,12 @@ class PrometheusClient:
         for secret in self._secrets():
             text = text.replace(secret, "***")
         return text
+
+    def _scrub_body(self, body: bytes) -> bytes:
+        # Before an excerpt is cut from it: a secret cut in two no longer matches, and half a secret is still a leak.
+        for secret in self._secrets():
+            body = body.replace(secret.encode(), b"***")
+        return body
 
     def _redact(self, err: QueryError) -> None:
         err.message = self._scrub(err.message)

@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help install assets lint test test-fast sandbox-up sandbox-down demo bench soak wheel-check clean
 
@@ -23,8 +24,8 @@ assets: ## build (once) and cache kube-apiserver, etcd and kubectl; fetch Istio'
 	bash hack/install-control-plane.sh >/dev/null
 
 lint: install ## ruff and mypy --strict
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src
+	$(BIN)/ruff check src tests hack bench
+	$(BIN)/ruff format --check src tests hack bench
 	$(BIN)/mypy
 
 test: install assets lint wheel-check ## everything: lint, the wheel's install, unit and integration tests
@@ -35,6 +36,9 @@ wheel-check: ## the container image's install steps without Docker: wheel into a
 
 sandbox-up: install assets ## start etcd, kube-apiserver and Prometheus in the background (.sandbox/env says where)
 	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox up
+
+demo: sandbox-up ## two canaries on the sandbox with the real birdwatch: v04 promoted, v05 rolled back (~50 s; log in .demo/)
+	PYTHONPATH=tests $(BIN)/python hack/demo.py $(DEMO_ARGS)
 
 sandbox-down: install ## stop the sandbox
 	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox down

@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+SOAK_ARGS ?=
 
 .PHONY: help install assets lint test test-fast sandbox-up sandbox-down demo bench soak wheel-check clean
 
@@ -48,3 +49,6 @@ clean: sandbox-down ## stop the sandbox and remove local state (keeps the binary
 
 bench: install assets ## the benchmark: 10, 100 and 500 concurrent canaries on the sandbox (results in bench/results/)
 	$(BIN)/python bench/bench.py
+
+soak: install assets ## 50 canaries through injected faults for ~10 minutes: wrong endings, RSS and tasks (CI runs it)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)

@@ -185,6 +185,8 @@ class Canary:
     async def _resume_point(self, record: Record | None, spec: BirdWatchSpec) -> float | None:
         """Where to pick up. Returns the wall-clock time of the last step when resuming mid-rollout."""
         assert self.router is not None
+        if record is not None and record.uid == self.uid and record.generation == self.generation and record.done:
+            await self._ended_before(record)
         if record is None or record.uid != self.uid or record.done:
             self.weight = 0  # a fresh rollout always starts with no canary traffic
             return None
@@ -212,6 +214,30 @@ class Canary:
         self._event("Normal", "RolloutRestarted", f"spec changed: going on from {self.weight}% under the new spec")
         log.info("spec changed mid-rollout; going on from the current weight", weight=self.weight)
         return parse_time(record.step_time) if self.weight else None
+
+    async def _ended_before(self, record: Record) -> None:
+        """This generation's rollout ended (its last traffic write says so) but its status was not written: the
+        process stopped between the two writes. Write the ending it reached; the traffic is already right, and
+        starting over would release the canary again (after a rollback, against a baseline taken from the bad
+        canary). Returns only for a record written before ``phase`` was kept: that one starts over, as before."""
+        endings = {
+            Phase.PROMOTED.value: (Phase.PROMOTED, "Promoted", Moment.PROMOTED, "Normal", 100),
+            Phase.ROLLED_BACK.value: (Phase.ROLLED_BACK, "RolledBack", Moment.ROLLED_BACK, "Warning", 0),
+        }
+        if record.phase not in endings:
+            return
+        phase, reason, moment, kind, weight = endings[record.phase]
+        self.weight, self.baseline = weight, record.baseline
+        log.warning("rollout had ended when birdwatch stopped; writing its status", phase=phase.value)
+        await self._end(
+            phase,
+            f"{phase.value}: the rollout had ended when birdwatch stopped, before its status was written",
+            value=None,
+            reason=reason,
+            moment=moment,
+            kind=kind,
+            weight=weight,
+        )
 
     async def _wait_until_ready(self, spec: BirdWatchSpec) -> None:
         assert self.router is not None
@@ -340,7 +366,7 @@ class Canary:
         now_mono = time.monotonic()
         if self._step_started:
             self._ports.metrics.step_lateness.observe(max(0.0, now_mono - self._step_started - spec.interval))
-        stamp = now_rfc3339()
+        stamp = now_rfc3339(micro=True)
         await self._write_traffic(weight, step_time=stamp)
         self._step_started = now_mono
         self.weight = weight
@@ -376,9 +402,9 @@ class Canary:
         assert self.router.subsets is not None
         if self.router.subsets.named:
             await self._kube(self.router.promote_destination_rule)
-            await self._write_traffic(0, done=True)
+            await self._write_traffic(0, done=Phase.PROMOTED)
         else:
-            await self._write_traffic(100, done=True)
+            await self._write_traffic(100, done=Phase.PROMOTED)
         self.weight = 100
         message = f"canary {spec.canary_version} promoted to production ({reason})"
         await self._end(
@@ -392,7 +418,7 @@ class Canary:
         self._notify(Moment.UNHEALTHY, why, value=value)
         log.warning("canary unhealthy", reason=why)
         if spec.if_unhealthy is Unhealthy.ROLLBACK:
-            await self._write_traffic(0, done=True)
+            await self._write_traffic(0, done=Phase.ROLLED_BACK)
             self.weight = 0
             await self._end(
                 Phase.ROLLED_BACK,
@@ -431,6 +457,7 @@ class Canary:
             ),
             interruptible=False,
         )
+        self._ports.metrics.canary_weight.labels(self.namespace, self.name).set(weight)
         self._event(kind, reason, message)
         self._notify(moment, message, value=value)
         self._ports.metrics.rollouts.labels(phase.value).inc()
@@ -439,7 +466,7 @@ class Canary:
 
     # --- ports ------------------------------------------------------------------------------------------------
 
-    async def _write_traffic(self, weight: int, *, step_time: str | None = None, done: bool = False) -> None:
+    async def _write_traffic(self, weight: int, *, step_time: str | None = None, done: Phase | None = None) -> None:
         assert self.router is not None
         assert self.spec is not None
         record = Record(
@@ -450,8 +477,9 @@ class Canary:
             weight=weight,
             baseline=self.baseline,
             step_time=step_time,
-            done=done,
+            done=done is not None,
             metric=metric_digest(self.spec.metric),
+            phase=done.value if done is not None else None,
         )
         router = self.router
         await self._kube(lambda: router.write(weight, record))

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -57,7 +58,8 @@ class EventRecorder:
         component: str = "birdwatch",
         instance: str | None = None,
         queue_size: int = 10000,
-        workers: int = 4,
+        workers: int = 8,
+        on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._kube = kube
         self._component = component
@@ -65,6 +67,7 @@ class EventRecorder:
         self._queue: asyncio.Queue[PendingEvent] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._count = workers
+        self._on_drop = on_drop
         self.dropped = 0
 
     def record(self, ref: ObjectRef, *, type: str, reason: str, message: str) -> None:  # noqa: A002 - Event's field
@@ -73,8 +76,10 @@ class EventRecorder:
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.dropped += 1
-            log.warning("event queue full, event dropped", reason=reason, dropped=self.dropped)
+            self._dropped()
+            # Once per thousand: a saturated API server would otherwise get a log line per lost Event.
+            if self.dropped % 1000 == 1:
+                log.warning("event queue full, events dropped", reason=reason, dropped=self.dropped)
 
     async def start(self) -> None:
         for i in range(self._count):
@@ -104,6 +109,11 @@ class EventRecorder:
                 )
             finally:
                 self._queue.task_done()
+
+    def _dropped(self) -> None:
+        self.dropped += 1
+        if self._on_drop is not None:
+            self._on_drop()
 
     async def _post(self, event: PendingEvent) -> None:
         ref = event.ref

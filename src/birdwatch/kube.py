@@ -23,6 +23,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from yarl import URL
 
+from .config import ConfigError
 from .http11 import Http11Pool
 
 Obj = dict[str, Any]
@@ -138,16 +139,24 @@ class Kube:
     async def connect(cls, *, kubeconfig: str | None, context: str | None = None, pool_size: int = 64) -> Kube:
         """Credentials from ``kubeconfig``, else in-cluster, else ``~/.kube/config`` (kubectl's order)."""
         configuration = k8s.Configuration()
-        if kubeconfig:
-            await k8s_config.load_kube_config(
-                config_file=kubeconfig, context=context, client_configuration=configuration
-            )
-        else:
-            try:
-                k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            except k8s_config.ConfigException:
-                await k8s_config.load_kube_config(context=context, client_configuration=configuration)
-        return cls(configuration, pool_size=pool_size)
+        try:
+            if kubeconfig:
+                await k8s_config.load_kube_config(
+                    config_file=kubeconfig, context=context, client_configuration=configuration
+                )
+            else:
+                try:
+                    k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                except k8s_config.ConfigException:
+                    await k8s_config.load_kube_config(context=context, client_configuration=configuration)
+            return cls(configuration, pool_size=pool_size)  # reads the certificate files the kubeconfig names
+        except Exception as exc:
+            # The loader raises ConfigException, YAML errors, OSError and, for a file that is not a mapping,
+            # TypeError; the TLS set-up ssl.SSLError. Whichever it is, the credentials are unusable: bad
+            # configuration, said in one line.
+            where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster credentials or ~/.kube/config"
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"cannot load Kubernetes credentials from {where}: {reason}") from None
 
     @property
     def host(self) -> str:

@@ -42,6 +42,12 @@ class Metrics:
         )
         self.leader = Gauge("birdwatch_leader", "1 while this replica leads", registry=self.registry)
         self.canaries = Gauge("birdwatch_canaries", "Canary tasks running", registry=self.registry)
+        self.tasks = Gauge(
+            "birdwatch_asyncio_tasks", "asyncio tasks alive in the process (leaks show here)", registry=self.registry
+        )
+        self.events_dropped = Counter(
+            "birdwatch_events_dropped", "Kubernetes Events dropped: queue full or refused", registry=self.registry
+        )
 
     def phase(self, namespace: str, name: str, phase: Phase) -> None:
         for p in Phase:

@@ -44,6 +44,7 @@ class Record:
     step_time: str | None = None  # RFC 3339, when ``weight`` was written
     done: bool = False  # the rollout ended (promoted, rolled back or failed): the VirtualService is free again
     metric: str | None = None  # digest of the metric query the baseline was taken with
+    phase: str | None = None  # with ``done``: how the rollout ended (Promoted, RolledBack)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -65,6 +66,7 @@ class Record:
                 step_time=data.get("step_time"),
                 done=bool(data.get("done", False)),
                 metric=data.get("metric"),
+                phase=data.get("phase"),
             )
         except (ValueError, KeyError, TypeError):
             return None  # hand-edited or foreign: treated as absent, and overwritten by the next write

@@ -81,7 +81,7 @@ class App:
         notifier = make_notifier(
             token=settings.slack_token, channel=settings.slack_channel, base_url=settings.slack_api_url
         )
-        events = EventRecorder(kube)
+        events = EventRecorder(kube, on_drop=self.metrics.events_dropped.inc)
         factory = self._canary_factory(kube, prometheus, events, notifier)
         ports_ready = False
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
@@ -64,6 +65,7 @@ class HealthServer:
         return self._report(self._ready)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
+        self._metrics.tasks.set(len(asyncio.all_tasks()))
         return web.Response(
             body=self._metrics.exposition(),
             content_type="text/plain",

@@ -14,8 +14,10 @@ from .kube import BIRDWATCHES, Kube, Obj
 from .spec import Phase
 
 
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now_rfc3339(*, micro: bool = False) -> str:
+    """Now in UTC; ``micro`` keeps the microseconds (a step's time: a resumed rollout waits out the rest of its
+    interval from it, and whole seconds would cut that short by up to a second)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(text: str | None) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from birdwatch.cli import build_parser
 from birdwatch.config import settings_from
-from birdwatch.kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Kube, KubeError
+from birdwatch.kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Gone, Kube, KubeError
 from birdwatch.runner import App
 from envtest.controlplane import ControlPlane, KubeHTTP
 
@@ -208,12 +208,15 @@ class Cluster:
         history: list[dict[str, int]] = []
 
         async def follow() -> None:
-            items, rv = await self.kube.list(VIRTUALSERVICES, self.namespace)
-            for item in items:
-                if item["metadata"]["name"] == name:
-                    history.append(route_weights(item, route))
+            rv: str | None = None
             while True:
                 try:
+                    if rv is None:
+                        items, rv = await self.kube.list(VIRTUALSERVICES, self.namespace)
+                        for item in items:
+                            split = route_weights(item, route) if item["metadata"]["name"] == name else None
+                            if split is not None and (not history or history[-1] != split):
+                                history.append(split)
                     async for event in self.kube.watch(VIRTUALSERVICES, self.namespace, resource_version=rv):
                         rv = event.object["metadata"].get("resourceVersion", rv)
                         if event.type == "BOOKMARK" or event.object["metadata"].get("name") != name:
@@ -221,6 +224,8 @@ class Cluster:
                         split = route_weights(event.object, route)
                         if not history or history[-1] != split:
                             history.append(split)
+                except Gone:
+                    rv = None  # too old to resume: list again
                 except KubeError:
                     await asyncio.sleep(0.1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class Watcher:
     async def run(self) -> None:
         scope = self._namespace or "all namespaces"
         failures = 0
+        opened = time.monotonic()
         resource_version: str | None = None
         while True:
             try:
@@ -59,6 +61,7 @@ class Watcher:
                     self.relists += 1
                     self.established.set()
                     log.info("listed birdwatches", scope=scope, count=len(items), resource_version=resource_version)
+                opened = time.monotonic()
                 async for event in self._kube.watch(
                     BIRDWATCHES,
                     self._namespace,
@@ -76,6 +79,10 @@ class Watcher:
                 log.info("watch expired (410 Gone); listing again", scope=scope)
                 resource_version = None
             except KubeError as exc:
+                # A stream that served a while before it broke was healthy: start the backoff over. Only
+                # failures in a row (refused, broken at once) should wait longer and longer.
+                if time.monotonic() - opened > self._settings.read_timeout / 2:
+                    failures = 0
                 failures += 1
                 delay = min(self._settings.backoff_max, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)  # noqa: S311
                 log.warning("watch failed; reconnecting", scope=scope, error=str(exc), delay=round(delay, 2))

@@ -76,7 +76,10 @@ class Http11Pool:
                         if (
                             reused
                             and attempt == 0
-                            and method in ("GET", "PATCH", "PUT", "DELETE", "POST")
+                            # Never a POST: the server may have acted on it before the connection broke, and a
+                            # create sent again is made twice (an Event) or refused as already there (a Lease).
+                            # birdwatch's PATCHes are conditional (a replay is answered 409) or idempotent.
+                            and method in ("GET", "PATCH", "PUT", "DELETE")
                             and isinstance(exc, ConnectionError | asyncio.IncompleteReadError)
                         ):
                             continue

@@ -542,17 +542,6 @@ def test_bad_configuration_ends_at_start_with_one_line_and_exit_code_2(case: str
     assert fill(bad.says) in lines[0], done
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_kubeconfig_ends_with_one_line(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG_OK)
-    kubeconfig.chmod(0)
-    done = run_cli(["run", "--kubeconfig", str(kubeconfig), *FINE])
-    assert done.code == 2, done
-    assert done.stderr.strip().count("\n") == 0, done
-    assert str(kubeconfig) in done.stderr, done
-
-
 # --- 6. the command line ----------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from envtest.controlplane import KubeHTTP, free_port  # noqa: E402
 from envtest.exporter import Exporter  # noqa: E402
 from envtest.pki import Pair  # noqa: E402
 from envtest.sandbox import SANDBOX, STATE, up  # noqa: E402
+from kit import deployment, make_available  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 BIRDWATCH = REPO / ".venv" / "bin" / "birdwatch"
@@ -79,21 +80,10 @@ class Result:
 
 
 def objects(name: str, namespace: str) -> list[dict[str, Any]]:
-    labels = {"app": name, "version": "v2"}
+    canary = deployment(f"{name}-v2", "v2", app=name)
+    canary["metadata"]["namespace"] = namespace
     return [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": f"{name}-v2", "namespace": namespace, "labels": labels},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {"containers": [{"name": "app", "image": "example.invalid/app:v2"}]},
-                },
-            },
-        },
+        canary,
         {
             "apiVersion": "networking.istio.io/v1",
             "kind": "DestinationRule",
@@ -213,21 +203,7 @@ async def run_one(
     for name in names:
         for obj in objects(name, namespace):
             api.apply(obj)
-        status, body = api.request(
-            "PATCH",
-            f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}-v2/status",
-            {
-                "status": {
-                    "observedGeneration": 1,
-                    "replicas": 1,
-                    "updatedReplicas": 1,
-                    "readyReplicas": 1,
-                    "availableReplicas": 1,
-                }
-            },
-            content_type="application/merge-patch+json",
-        )
-        assert status == 200, body
+        make_available(api, namespace, f"{name}-v2")
     exporter.set_gauge("bench_errors", 0.0, ns=namespace)
 
     health = free_port()

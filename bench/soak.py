@@ -36,6 +36,7 @@ from envtest.controlplane import ControlPlane, free_port  # noqa: E402
 from envtest.exporter import Exporter  # noqa: E402
 from envtest.promserver import PrometheusServer  # noqa: E402
 from faultproxy import NOT_WATCHES, FaultProxy, api_server_proxy  # noqa: E402
+from kit import deployment, make_available  # noqa: E402
 
 NAMESPACE = "soak"
 INCREMENT, MAX_WEIGHT, INTERVAL = 10, 50, 2
@@ -61,22 +62,9 @@ def canary_weight(vs: dict[str, Any]) -> int:
 def objects(name: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for version in ("v2", "v3"):
-        labels = {"app": name, "version": version}
-        out.append(
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": f"{name}-{version}", "namespace": NAMESPACE, "labels": labels},
-                "spec": {
-                    "replicas": 1,
-                    "selector": {"matchLabels": labels},
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {"containers": [{"name": "app", "image": "x.invalid/a"}]},
-                    },
-                },
-            }
-        )
+        canary = deployment(f"{name}-{version}", version, app=name)
+        canary["metadata"]["namespace"] = NAMESPACE
+        out.append(canary)
     out.append(
         {
             "apiVersion": "networking.istio.io/v1",
@@ -130,21 +118,7 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
         for obj in objects(name):
             api.apply(obj)
             if obj["kind"] == "Deployment":
-                status, body = api.request(
-                    "PATCH",
-                    f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{obj['metadata']['name']}/status",
-                    {
-                        "status": {
-                            "observedGeneration": 1,
-                            "replicas": 1,
-                            "updatedReplicas": 1,
-                            "readyReplicas": 1,
-                            "availableReplicas": 1,
-                        }
-                    },
-                    content_type="application/merge-patch+json",
-                )
-                assert status == 200, body
+                make_available(api, NAMESPACE, obj["metadata"]["name"])
 
     api_proxy, kubeconfig = await api_server_proxy(plane, workdir / "proxy", seed=7)
     prom_proxy = await FaultProxy(prometheus.url, seed=8, name="prometheus proxy").start()

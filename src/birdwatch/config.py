@@ -9,13 +9,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
 from .prometheus import PrometheusConfig
 
+__all__ = ["ConfigError", "LeaderSettings", "Settings", "add_run_arguments", "settings_from"]
+
 DEFAULT_PROMETHEUS = "http://prometheus.istio-system:9090"  # Istio's Prometheus addon, as the prototype used
-
-
-class ConfigError(ValueError):
-    """Bad configuration: said in one line, exit code 2."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from yarl import URL
 
-from .config import ConfigError
+from .errors import ConfigError
 from .http11 import Http11Pool
 
 Obj = dict[str, Any]

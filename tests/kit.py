@@ -12,7 +12,7 @@ from typing import Any
 
 from birdwatch.cli import build_parser
 from birdwatch.config import settings_from
-from birdwatch.kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Gone, Kube, KubeError
+from birdwatch.kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Gone, Kube, KubeError, Resource
 from birdwatch.runner import App
 from envtest.controlplane import ControlPlane, KubeHTTP
 
@@ -207,35 +207,44 @@ class Cluster:
         """Record every distinct weight split the VirtualService goes through, from its own watch."""
         history: list[dict[str, int]] = []
 
-        async def follow() -> None:
-            rv: str | None = None
-            while True:
-                try:
-                    if rv is None:
-                        items, rv = await self.kube.list(VIRTUALSERVICES, self.namespace)
-                        for item in items:
-                            split = route_weights(item, route) if item["metadata"]["name"] == name else None
-                            if split is not None and (not history or history[-1] != split):
-                                history.append(split)
-                    async for event in self.kube.watch(VIRTUALSERVICES, self.namespace, resource_version=rv):
-                        rv = event.object["metadata"].get("resourceVersion", rv)
-                        if event.type == "BOOKMARK" or event.object["metadata"].get("name") != name:
-                            continue
-                        split = route_weights(event.object, route)
-                        if not history or history[-1] != split:
-                            history.append(split)
-                except Gone:
-                    rv = None  # too old to resume: list again
-                except KubeError:
-                    await asyncio.sleep(0.1)
+        def see(obj: Obj) -> None:
+            if obj["metadata"].get("name") != name:
+                return
+            split = route_weights(obj, route)
+            if not history or history[-1] != split:
+                history.append(split)
 
-        task = asyncio.create_task(follow())
+        task = asyncio.create_task(follow_objects(self.kube, VIRTUALSERVICES, self.namespace, see))
         try:
             yield history
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def follow_objects(
+    kube: Kube, resource: Resource, namespace: str, see: Callable[[Obj], None], *, listed: asyncio.Event | None = None
+) -> None:
+    """Hand every object of ``resource`` in ``namespace`` to ``see``: first the LIST, then each ADDED or MODIFIED
+    from the WATCH; on 410 Gone, LIST again (a test's recorder must not go blind after a compaction)."""
+    rv: str | None = None
+    while True:
+        try:
+            if rv is None:
+                items, rv = await kube.list(resource, namespace)
+                for item in items:
+                    see(item)
+                if listed is not None:
+                    listed.set()
+            async for event in kube.watch(resource, namespace, resource_version=rv):
+                rv = event.object.get("metadata", {}).get("resourceVersion") or rv
+                if event.type in ("ADDED", "MODIFIED"):
+                    see(event.object)
+        except Gone:
+            rv = None
+        except KubeError:
+            await asyncio.sleep(0.1)
 
 
 def route_weights(vs: Obj, route: str = "primary") -> dict[str, int]:

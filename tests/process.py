@@ -32,11 +32,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from birdwatch.kube import VIRTUALSERVICES, Gone, Kube, KubeError, Obj
+from birdwatch.kube import VIRTUALSERVICES, Kube, Obj
 from birdwatch.router import Record
 from envtest.controlplane import ControlPlane, free_port
 from envtest.promserver import PrometheusServer
-from kit import route_weights
+from kit import follow_objects, route_weights
 
 BIRDWATCH = Path(sys.executable).with_name("birdwatch")  # the console script of the virtualenv running the tests
 # Settings a developer's shell may carry that would change what the process under test does.
@@ -341,22 +341,7 @@ class TrafficLog:
             self.changed.set()
 
     async def _follow(self, ready: asyncio.Event) -> None:
-        rv: str | None = None
-        while True:
-            try:
-                if rv is None:
-                    items, rv = await self.kube.list(VIRTUALSERVICES, self.namespace)
-                    for item in items:
-                        self._see(item)
-                    ready.set()
-                async for event in self.kube.watch(VIRTUALSERVICES, self.namespace, resource_version=rv):
-                    rv = event.object["metadata"].get("resourceVersion", rv)
-                    if event.type in ("ADDED", "MODIFIED"):
-                        self._see(event.object)
-            except Gone:
-                rv = None
-            except KubeError:
-                await asyncio.sleep(0.1)
+        await follow_objects(self.kube, VIRTUALSERVICES, self.namespace, self._see, listed=ready)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[TrafficLog]:

@@ -44,6 +44,7 @@ from kit import (
     deployment,
     destination_rule,
     eventually,
+    follow_objects,
     make_available,
     route_weights,
     virtual_service,
@@ -190,29 +191,10 @@ class Weights:
 async def recording(
     kube: Kube, namespace: str, names: Sequence[str], *, poll: float | None = None
 ) -> AsyncIterator[Weights]:
-    """Record ``Weights``. (kit's ``Cluster.recording`` watches again from the same resourceVersion after any
-    error, so after a 410 it never sees another change; this one lists again.) ``poll``: also LIST that often, so
-    a change made while the API server's watch cache is starting over is not missed."""
+    """Record ``Weights`` of several VirtualServices at once. ``poll``: also LIST that often, so a change made while
+    the API server's watch cache is starting over is not missed."""
     weights = Weights(names)
     listed = asyncio.Event()
-
-    async def follow() -> None:
-        rv: str | None = None
-        while True:
-            try:
-                if rv is None:
-                    items, rv = await kube.list(VIRTUALSERVICES, namespace)
-                    for item in items:
-                        weights.note(item)
-                    listed.set()
-                async for event in kube.watch(VIRTUALSERVICES, namespace, resource_version=rv):
-                    rv = event.object.get("metadata", {}).get("resourceVersion") or rv
-                    if event.type in ("ADDED", "MODIFIED"):
-                        weights.note(event.object)
-            except Gone:
-                rv = None
-            except KubeError:
-                await asyncio.sleep(0.1)
 
     async def look(every: float) -> None:
         while True:
@@ -221,7 +203,7 @@ async def recording(
                     weights.note(item)
             await asyncio.sleep(every)
 
-    tasks = [asyncio.create_task(follow())]
+    tasks = [asyncio.create_task(follow_objects(kube, VIRTUALSERVICES, namespace, weights.note, listed=listed))]
     if poll is not None:
         tasks.append(asyncio.create_task(look(poll)))
     try:

@@ -658,7 +658,8 @@ async def test_secrets_never_appear(
     else:
         failed = [e for e in json_log.lines() if e.get("event") == "slack notification failed"]
         assert failed, json_log.text
-        assert {e["error"] for e in failed} == {"invalid_auth" if slack_answers == "invalid_auth" else "internal_error"}
+        expected = "invalid_auth" if slack_answers == "invalid_auth" else "internal_error"
+        assert {e["slack_error"] for e in failed} == {expected}
     assert _logged(json_log, "rollout failed")
     assert _logged(json_log, "prometheus not reachable; canaries count failed checks until it is")
 

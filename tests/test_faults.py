@@ -479,7 +479,7 @@ async def test_silent_watch_is_noticed_and_opened_again(fx: Faults, logs: LogEnt
     # birdwatch, not the proxy, ended the silent stream: within its read timeout of the last byte it received.
     assert fx.api.silenced_for, "the silenced stream never ended"
     assert fx.api.silenced_for[0] <= 2 + 1.5, list(fx.api.silenced_for)
-    timeouts = [e for e in said(logs, "watch failed; reconnecting") if "Timeout" in str(e.get("error"))]
+    timeouts = [e for e in said(logs, "watch failed; reconnecting") if "Timeout" in str(e.get("detail"))]
     assert timeouts, said(logs, "watch failed; reconnecting")
     assert status["baseline"] == pytest.approx(BASELINE)
     assert_steps(weights.steps("aleph"), phase="Promoted", max_weight=30)

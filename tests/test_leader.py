@@ -247,7 +247,7 @@ async def test_a_stopped_leader_releases_the_lease_and_the_standby_takes_over_at
     assert b.changes == [True]
     assert b.gauge == 1
     assert said(logs, "released lease", a)
-    assert said(logs, "lost leadership", a, reason="stopping")
+    assert said(logs, "lost leadership", a, detail="stopping")
     spec = await cluster.spec()
     assert spec["holderIdentity"] == b.identity
     assert spec["leaseTransitions"] == 1
@@ -268,7 +268,7 @@ async def test_an_unhealthy_leader_steps_down_and_the_standby_takes_over(cluster
     assert not a.working
     assert a.changes == [True, False]
     assert a.gauge == 0
-    assert said(logs, "lost leadership", a, reason="unhealthy: not renewing")
+    assert said(logs, "lost leadership", a, detail="unhealthy: not renewing")
     assert said(logs, "released lease", a)
     # The sick replica stays in the race as a standby and does not win the Lease back.
     await until(
@@ -295,7 +295,7 @@ async def test_work_that_fails_steps_down_and_the_only_replica_runs_it_again(
     [failed] = said(logs, "leader work failed", a)
     assert isinstance(failed["exc_info"], RuntimeError)
     [lost] = said(logs, "lost leadership", a)
-    assert lost["reason"] == "work failed: RuntimeError: boom: the watch loop fell over"
+    assert lost["detail"] == "work failed: RuntimeError: boom: the watch loop fell over"
     assert said(logs, "released lease", a)
     assert len(said(logs, "became leader", a)) == 2
     spec = await cluster.spec()
@@ -378,7 +378,7 @@ async def test_a_leader_that_cannot_renew_steps_down_after_the_renew_deadline(
     assert a.cancelled == 1
     assert a.changes == [True, False]
     assert a.gauge == 0
-    assert said(logs, "lost leadership", a, reason="renew deadline exceeded")
+    assert said(logs, "lost leadership", a, detail="renew deadline exceeded")
     assert said(logs, "lease request failed; retrying", a, status=0)
     assert said(logs, "could not release lease; it expires by itself", a)
     assert not said(logs, "released lease", a)
@@ -412,7 +412,7 @@ async def test_a_leader_whose_lease_was_taken_steps_down_without_releasing_it(
     assert took < 2 * RETRY + 0.2, "noticed at the next renewal"
     assert a.changes == [True, False]
     assert a.gauge == 0
-    assert said(logs, "lost leadership", a, reason="lease taken over by intruder")
+    assert said(logs, "lost leadership", a, detail="lease taken over by intruder")
     assert not said(logs, "released lease", a)
     await until(lambda: bool(said(logs, "waiting for leadership", a, holder="intruder")), timeout=5, what="a waiting")
     assert (await cluster.spec())["holderIdentity"] == "intruder"

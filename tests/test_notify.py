@@ -198,9 +198,9 @@ async def test_server_errors_are_retried_up_to_max_retries_then_dropped(
     [failure] = failures(logs)
     assert failure["log_level"] == "warning"
     assert failure["moment"] == "Frozen"
-    assert failure["birdwatch"] == "shop/reviews"
+    assert (failure["namespace"], failure["birdwatch"]) == ("shop", "reviews")
     assert failure["status"] == 500
-    assert failure["error"] == "internal_error"
+    assert failure["slack_error"] == "internal_error"
 
 
 async def test_an_invalid_token_is_logged_not_raised_and_later_notices_are_still_tried(
@@ -214,7 +214,7 @@ async def test_an_invalid_token_is_logged_not_raised_and_later_notices_are_still
 
     assert slack.messages == []
     assert [(r.status, r.error) for r in slack.requests] == [(200, "invalid_auth")] * 2
-    assert [(f["moment"], f["error"], f["log_level"]) for f in failures(logs)] == [
+    assert [(f["moment"], f["slack_error"], f["log_level"]) for f in failures(logs)] == [
         ("RolloutStarted", "invalid_auth", "warning"),
         ("CanaryUnhealthy", "invalid_auth", "warning"),
     ]
@@ -234,7 +234,7 @@ async def test_an_unknown_channel_is_logged_and_the_next_notice_still_goes(
     [message] = await slack.wait_for_messages(1)
     assert "at 20%" in (message.text or "")
     [failure] = failures(logs)
-    assert (failure["error"], failure["channel"]) == ("channel_not_found", "no-such-channel")
+    assert (failure["slack_error"], failure["channel"]) == ("channel_not_found", "no-such-channel")
 
 
 async def test_unreachable_slack_never_holds_up_notify_and_close_keeps_its_timeout(
@@ -264,7 +264,7 @@ async def test_unreachable_slack_is_logged_and_the_worker_goes_on(
     notifier.notify(notice(Moment.FAILED))
     await notifier.close(timeout=5)
 
-    assert [(f["moment"], f["error"]) for f in failures(logs)] == [
+    assert [(f["moment"], f["slack_error"]) for f in failures(logs)] == [
         ("RolloutStarted", "ClientConnectorError"),
         ("RolloutFailed", "ClientConnectorError"),
     ]
@@ -342,7 +342,7 @@ async def test_the_token_never_appears_in_logs_or_repr(
     await dead.close()
 
     # The two notifiers' workers run side by side: their failures interleave in any order.
-    assert sorted(f["error"] for f in failures(logs)) == [
+    assert sorted(f["slack_error"] for f in failures(logs)) == [
         "ClientConnectorError",
         "internal_error",
         "invalid_auth",

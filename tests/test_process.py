@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
-import re
 import signal
 import sys
 import time
@@ -221,7 +221,7 @@ async def test_health_readiness_and_metrics_during_a_rollout(
         await asyncio.sleep(0.2)
     assert code == 200
     samples = parse_metrics(text)
-    labels = {"namespace": ns, "name": "aleph"}
+    labels = {"namespace": ns, "birdwatch": "aleph"}
     assert sample(samples, "birdwatch_canary_weight", **labels) == before
     assert sample(samples, "birdwatch_canary_phase", **labels, phase="Progressing") == 1
     assert sample(samples, "birdwatch_canary_phase", **labels, phase="Promoted") == 0
@@ -537,8 +537,10 @@ def test_bad_configuration_ends_at_start_with_one_line_and_exit_code_2(case: str
     assert done.code == 2, done
     assert "Traceback" not in done.stderr + done.stdout, done
     assert len(lines) == 1, done
-    assert re.match(r"birdwatch( run)?: error: ", lines[0]), done
-    assert fill(bad.says) in lines[0], done
+    # JSON is the default log format, and then the fatal line is JSON too (tests/test_logs.py: console mode).
+    entry = json.loads(lines[0])
+    assert (entry["level"], entry["reason"], entry["exit_code"]) == ("error", "BadConfiguration", 2), done
+    assert fill(bad.says) in entry["detail"], done
 
 
 # --- 6. the command line ----------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The command line: ``birdwatch run`` and ``birdwatch --version``. Bad configuration ends here, in one line, with
-exit code 2 — never a traceback."""
+exit code 2 — never a traceback. The line is in the log format asked for (JSON by default), even when the bad
+setting is an argument, so that in JSON mode every line birdwatch writes is JSON; an unexpected crash is logged
+with its traceback inside one JSON object and exits 1."""
 
 from __future__ import annotations
 
@@ -14,16 +16,27 @@ import structlog
 
 from . import __version__
 from .config import ConfigError, add_run_arguments, settings_from
-from .log import configure
+from .log import capture_process_output, configure, fatal_line, format_hint
 from .runner import App
 
 EXIT_CONFIG = 2
+EXIT_CRASH = 1
+BAD_CONFIGURATION = "BadConfiguration"  # the reason of a fatal line about flags, environment or kubeconfig
+
+
+class UsageError(ConfigError):
+    """A command line argparse refused; ``prog`` is the (sub)command that refused it."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # argparse prints usage and the error on two lines; one clear line is easier to find in a pod's log.
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # argparse prints usage and the error on two lines, in plain text; main() says it in one line, in the
+        # log format asked for.
+        raise UsageError(self.prog, f"{message} (see {self.prog} --help)")
 
 
 def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -46,19 +59,28 @@ def build_parser(env: dict[str, str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _fatal(fmt: str, exc: ConfigError) -> int:
+    prog = exc.prog if isinstance(exc, UsageError) else "birdwatch"
+    print(fatal_line(fmt, prog=prog, detail=str(exc), reason=BAD_CONFIGURATION, exit_code=EXIT_CONFIG), file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    fmt = format_hint(args_list, dict(os.environ))
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command != "run":
-        parser.print_help()
-        return EXIT_CONFIG
     try:
+        args = parser.parse_args(args_list)
+        if args.command != "run":
+            parser.print_help()
+            return EXIT_CONFIG
         settings = settings_from(args)
     except ConfigError as exc:
-        print(f"birdwatch: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    configure(fmt=settings.log_format, level=settings.log_level)
-    log = structlog.get_logger("birdwatch")
+        return _fatal(fmt, exc)
+    fmt = settings.log_format
+    configure(fmt=fmt, level=settings.log_level)
+    capture_process_output()
+    log = structlog.get_logger("birdwatch.cli")
     log.info(
         "birdwatch starting",
         version=__version__,
@@ -69,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(App(settings).run(handle_signals=True))
     except ConfigError as exc:
-        print(f"birdwatch: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fatal(fmt, exc)
+    except Exception as exc:
+        # Whatever it was, the traceback belongs in the log (inside the JSON object in JSON mode), not on stderr.
+        log.critical("birdwatch stopped on an unexpected error", reason="Crashed", detail=str(exc), exc_info=True)
+        return EXIT_CRASH
     return 0
 
 

@@ -85,7 +85,9 @@ class Watcher:
                     failures = 0
                 failures += 1
                 delay = min(self._settings.backoff_max, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)  # noqa: S311
-                log.warning("watch failed; reconnecting", scope=scope, error=str(exc), delay=round(delay, 2))
+                log.warning(
+                    "watch failed; reconnecting", scope=scope, status=exc.status, detail=str(exc), delay=round(delay, 2)
+                )
                 if exc.status in (401, 403, 404):
                     # Credentials, RBAC or a missing CRD: a fresh LIST says which, loudly, on the next round.
                     resource_version = None
@@ -104,6 +106,7 @@ class Watcher:
             log.error(
                 "could not handle watch event; skipped",
                 type=kind,
-                error=repr(exc),
-                name=(obj.get("metadata") or {}).get("name"),
+                detail=repr(exc),
+                namespace=(obj.get("metadata") or {}).get("namespace"),
+                birdwatch=(obj.get("metadata") or {}).get("name"),
             )

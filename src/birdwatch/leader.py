@@ -235,7 +235,7 @@ class LeaderElector:
                     break
         finally:
             stopped.cancel()
-            (self._log.info if reason == "stopping" else self._log.warning)("lost leadership", reason=reason)
+            (self._log.info if reason == "stopping" else self._log.warning)("lost leadership", detail=reason)
             await self._stop_work(task)
             self._leading = False
             _notify(on_change, False)
@@ -254,7 +254,7 @@ class LeaderElector:
         except KubeError as exc:
             # Not retryable (403, 422) means misconfiguration; trying again still beats a dead replica.
             (self._log.warning if exc.retryable else self._log.error)(
-                "lease request failed; retrying", status=exc.status, error=str(exc)
+                "lease request failed; retrying", status=exc.status, detail=str(exc)
             )
         except Exception:
             self._log.exception("lease request failed unexpectedly; retrying")
@@ -322,7 +322,7 @@ class LeaderElector:
         try:
             released = await asyncio.wait_for(self._try_release(), self.settings.renew_deadline)
         except (KubeError, TimeoutError) as exc:
-            self._log.warning("could not release lease; it expires by itself", error=str(exc) or type(exc).__name__)
+            self._log.warning("could not release lease; it expires by itself", detail=str(exc) or type(exc).__name__)
             return
         if released:
             self._log.info("released lease")

@@ -1,4 +1,8 @@
-"""birdwatch's own Prometheus metrics, in a registry of their own (no process-global state)."""
+"""birdwatch's own Prometheus metrics, in a registry of their own (no process-global state).
+
+Per-canary series are labelled ``namespace`` and ``birdwatch`` (the BirdWatch's name), the same keys as the log
+lines, so one name finds a canary in both. Callers pass the values positionally: ``.labels(namespace, name)``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from .spec import Phase
 
+CANARY_LABELS = ("namespace", "birdwatch")
+
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ("namespace", "name")
+        labels = CANARY_LABELS
         self.canary_weight = Gauge(
             "birdwatch_canary_weight", "Canary traffic weight in percent", labels, registry=self.registry
         )

@@ -165,7 +165,8 @@ def render(notice: Notice) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _about(notice: Notice) -> dict[str, str]:
-    return {"moment": notice.moment.value, "birdwatch": f"{notice.namespace}/{notice.name}"}
+    # The keys of birdwatch's per-canary log lines, so that one jq filter finds a canary's Slack trouble too.
+    return {"moment": notice.moment.value, "namespace": notice.namespace, "birdwatch": notice.name}
 
 
 class SlackNotifier:
@@ -280,12 +281,21 @@ class SlackNotifier:
             await client.chat_postMessage(channel=self._channel, text=text, blocks=blocks)
         except SlackApiError as exc:
             status, code = _slack_error(exc)
-            log.warning("slack notification failed", error=code, status=status, channel=self._channel, **_about(notice))
-        except Exception as exc:  # Slack must never take the worker down, whatever it throws.
             log.warning(
                 "slack notification failed",
-                error=type(exc).__name__,
-                detail=_shorten(self._redact(str(exc)), _MAX_DETAIL_CHARS),
+                slack_error=code,
+                status=status,
+                detail=f"Slack answered {code}" + (f" (HTTP {status})" if status is not None else ""),
+                channel=self._channel,
+                **_about(notice),
+            )
+        except Exception as exc:  # Slack must never take the worker down, whatever it throws.
+            # slack_error is Slack's error code when Slack answered, else the class of what stopped the call: one
+            # key to group failures by.
+            log.warning(
+                "slack notification failed",
+                slack_error=type(exc).__name__,
+                detail=_shorten(self._redact(str(exc)), _MAX_DETAIL_CHARS) or type(exc).__name__,
                 channel=self._channel,
                 **_about(notice),
             )

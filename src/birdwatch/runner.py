@@ -211,7 +211,7 @@ class App:
             if ok and (first or not was):
                 log.info("prometheus ready", url=url)
             elif not ok and (first or was):
-                log.error("prometheus not reachable; canaries count failed checks until it is", url=url, reason=why)
+                log.error("prometheus not reachable; canaries count failed checks until it is", url=url, detail=why)
                 notifier.notify(
                     Notice(
                         moment=Moment.FAILED,

@@ -15,20 +15,24 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .kube import DESTINATIONRULES, VIRTUALSERVICES, Conflict, Kube, NotFound, Obj
+from .kube import DESTINATIONRULES, VIRTUALSERVICES, Conflict, Kube, NotFound, Obj, Resource
 
 RECORD_ANNOTATION = "birdwatch.otomato.link/rollout"
 VERSION_LABEL = "version"
 NAMED_PRODUCTION, NAMED_CANARY = "production", "canary"
-MAX_CONFLICT_RETRIES = 5
 
 
 class RouteError(Exception):
-    """The VirtualService or DestinationRule cannot carry this canary; the message says what is missing."""
+    """The VirtualService or DestinationRule cannot carry this canary; the message says what is wrong."""
+
+    transient = False  # only the user can mend it (several production subsets, a foreign subset in the split)
 
 
-class AlreadyManaged(RouteError):
-    """Another BirdWatch's rollout holds the VirtualService."""
+class RouteMissing(RouteError):
+    """Something the rollout needs is not there yet: an object, a subset, a route to production. ``kubectl apply
+    -f`` of a folder, and GitOps tools, create objects in an order of their own, so this is waited out."""
+
+    transient = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,9 +124,11 @@ def detect_subsets(vs: Obj, dr: Obj, canary_version: str) -> Subsets:
     named_in_vs = any(_subset(d) == NAMED_PRODUCTION for dests in mine for d in dests)
     if NAMED_PRODUCTION in dr_subsets or named_in_vs:
         if NAMED_PRODUCTION not in dr_subsets:
-            raise RouteError(f"DestinationRule {_name(dr)} has no subset {NAMED_PRODUCTION}")
+            raise RouteMissing(f"DestinationRule {_name(dr)} has no subset {NAMED_PRODUCTION}")
         if not named_in_vs:
-            raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {NAMED_PRODUCTION}")
+            raise RouteMissing(
+                f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {NAMED_PRODUCTION}"
+            )
         return Subsets(NAMED_PRODUCTION, NAMED_CANARY, named=True, host=host)
     serving = sorted(
         {
@@ -136,14 +142,14 @@ def detect_subsets(vs: Obj, dr: Obj, canary_version: str) -> Subsets:
         }
     )
     if not serving:
-        raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to a production subset")
+        raise RouteMissing(f"no HTTP route of VirtualService {_name(vs)} sends traffic to a production subset")
     if len(serving) > 1:
         raise RouteError(
             f"VirtualService {_name(vs)} sends traffic to several subsets ({', '.join(serving)}): cannot tell "
             "which is production; route to one, or name the subsets production and canary"
         )
     if serving[0] not in dr_subsets:
-        raise RouteError(f"DestinationRule {_name(dr)} has no subset {serving[0]}")
+        raise RouteMissing(f"DestinationRule {_name(dr)} has no subset {serving[0]}")
     return Subsets(serving[0], canary_version, named=False, host=host)
 
 
@@ -172,7 +178,7 @@ def weighted_http(vs: Obj, subsets: Subsets, canary: int) -> list[dict[str, Any]
     http = copy.deepcopy((vs.get("spec") or {}).get("http") or [])
     indices = managed_routes(http, subsets)
     if not indices:
-        raise RouteError(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {subsets.production}")
+        raise RouteMissing(f"no HTTP route of VirtualService {_name(vs)} sends traffic to subset {subsets.production}")
     for i in indices:
         dests = _destinations(http[i])
         production = next(d for d in dests if subsets.is_production(d))
@@ -228,11 +234,49 @@ def _name(obj: Obj) -> str:
     return str((obj.get("metadata") or {}).get("name", "?"))
 
 
+@dataclass(frozen=True, kw_only=True)
+class Traffic:
+    """What the VirtualService and DestinationRule say about one canary, as the decision function reads it."""
+
+    problem: str | None = None  # why they cannot carry the canary (None: they can)
+    transient: bool = False  # the problem is something missing, which may yet appear
+    subsets: Subsets | None = None
+    weight: int = 0  # the canary's weight now (of the first managed route)
+    record: Record | None = None  # the rollout record on the VirtualService, whoever wrote it
+    canary_subset_ready: bool = False  # the DestinationRule's canary subset selects the canary's version
+    production_promoted: bool = False  # named subsets: production already selects the canary's version
+
+
+def observe(vs: Obj | None, dr: Obj | None, *, namespace: str, service: str, canary_version: str) -> Traffic:
+    """Read the two objects (None: not found) into :class:`Traffic`. Pure, so the decision's inputs are data."""
+    if vs is None:
+        return Traffic(problem=f"VirtualService {service} not found in namespace {namespace}", transient=True)
+    record = Record.parse(vs)
+    if dr is None:
+        return Traffic(
+            problem=f"DestinationRule {service} not found in namespace {namespace}", transient=True, record=record
+        )
+    try:
+        subsets = detect_subsets(vs, dr, canary_version)
+        weight = canary_weight(vs, subsets)
+        weighted_http(vs, subsets, weight)  # raises on a foreign subset in the split
+    except RouteError as exc:
+        return Traffic(problem=str(exc), transient=exc.transient, record=record)
+    return Traffic(
+        subsets=subsets,
+        weight=weight,
+        record=record,
+        canary_subset_ready=subsets_with_canary(dr, subsets, canary_version) is None,
+        production_promoted=subsets.named and subsets_promoted(dr, subsets, canary_version) is None,
+    )
+
+
 class Router:
     """One canary's handle on its VirtualService and DestinationRule.
 
-    It keeps the last VirtualService it read or wrote, so a step costs one PATCH and no GET; a conflict
-    (someone else edited the object) means one GET, the weights reapplied to what is there now, and a retry.
+    It keeps the last copy of each object it read or wrote, so a step costs one PATCH and no GET. Every write is
+    conditional on the kept copy's resourceVersion and tried once: on a conflict (someone else wrote) it reads the
+    object again and raises, so the caller decides afresh from what is there now instead of reapplying blindly.
     """
 
     def __init__(self, kube: Kube, *, namespace: str, service: str, canary_version: str) -> None:
@@ -240,99 +284,80 @@ class Router:
         self.namespace = namespace
         self.service = service
         self.canary_version = canary_version
-        self.vs: Obj = {}
-        self.dr: Obj = {}
-        self.subsets: Subsets | None = None
-        self._stale_claims: set[str] = set()
+        self.vs: Obj | None = None
+        self.dr: Obj | None = None
 
-    def accept_claim_of(self, uid: str) -> None:
-        """Another BirdWatch's record on the VirtualService may be overwritten: that rollout is over or gone."""
-        self._stale_claims.add(uid)
+    async def fetch(self) -> None:
+        """Read whichever object is not kept (never read, deleted, or stale after a conflict)."""
+        if self.vs is None:
+            self.vs = await self._get(VIRTUALSERVICES)
+        if self.dr is None and self.vs is not None:
+            self.dr = await self._get(DESTINATIONRULES)
 
-    async def inspect(self) -> tuple[Subsets, Record | None]:
-        """Read both objects and check they can carry the canary. Raises RouteError naming what is missing."""
-        try:
-            self.vs = await self._kube.get(VIRTUALSERVICES, self.namespace, self.service)
-        except NotFound:
-            raise RouteError(f"VirtualService {self.service} not found in namespace {self.namespace}") from None
-        try:
-            self.dr = await self._kube.get(DESTINATIONRULES, self.namespace, self.service)
-        except NotFound:
-            raise RouteError(f"DestinationRule {self.service} not found in namespace {self.namespace}") from None
-        self.subsets = detect_subsets(self.vs, self.dr, self.canary_version)
-        weighted_http(self.vs, self.subsets, canary_weight(self.vs, self.subsets))  # raises on foreign splits
-        return self.subsets, Record.parse(self.vs)
+    def forget(self) -> None:
+        """Drop the kept copies: the next ``fetch`` reads both again."""
+        self.vs = self.dr = None
 
-    @property
-    def weight(self) -> int:
-        assert self.subsets is not None
-        return canary_weight(self.vs, self.subsets)
-
-    @property
-    def record(self) -> Record | None:
-        return Record.parse(self.vs)
+    def observe(self) -> Traffic:
+        return observe(
+            self.vs, self.dr, namespace=self.namespace, service=self.service, canary_version=self.canary_version
+        )
 
     def canary_labels(self) -> dict[str, str]:
         """The labels the canary subset selects pods by (at least ``version: <canary_version>``)."""
-        assert self.subsets is not None
-        for subset in (self.dr.get("spec") or {}).get("subsets") or []:
-            if subset.get("name") == self.subsets.canary:
+        traffic = self.observe()
+        for subset in ((self.dr or {}).get("spec") or {}).get("subsets") or []:
+            if traffic.subsets is not None and subset.get("name") == traffic.subsets.canary:
                 return {
                     **{str(k): str(v) for k, v in (subset.get("labels") or {}).items()},
                     VERSION_LABEL: self.canary_version,
                 }
         return {VERSION_LABEL: self.canary_version}
 
-    async def prepare_destination_rule(self) -> bool:
-        """Make sure the canary subset exists and selects the canary's version. True if it wrote."""
-        assert self.subsets is not None
-        return await self._patch_dr(lambda dr: subsets_with_canary(dr, self.subsets, self.canary_version))
+    async def prepare_destination_rule(self, subsets: Subsets) -> None:
+        """Make sure the canary subset exists and selects the canary's version."""
+        await self._patch_dr(subsets_with_canary, subsets)
 
-    async def promote_destination_rule(self) -> bool:
-        assert self.subsets is not None
-        return await self._patch_dr(lambda dr: subsets_promoted(dr, self.subsets, self.canary_version))
+    async def promote_destination_rule(self, subsets: Subsets) -> None:
+        await self._patch_dr(subsets_promoted, subsets)
 
-    async def _patch_dr(self, change: Any) -> bool:
-        for _ in range(MAX_CONFLICT_RETRIES):
-            subsets = change(self.dr)
-            if subsets is None:
-                return False
-            patch = {
-                "metadata": {"resourceVersion": self.dr["metadata"]["resourceVersion"]},
-                "spec": {"subsets": subsets},
-            }
-            try:
-                self.dr = await self._kube.merge_patch(DESTINATIONRULES, self.namespace, self.service, patch)
-                return True
-            except Conflict:
-                self.dr = await self._kube.get(DESTINATIONRULES, self.namespace, self.service)
-        raise Conflict(409, "Conflict", f"DestinationRule {self.service} kept changing; gave up after retries")
-
-    async def write(self, canary: int, record: Record) -> None:
+    async def write(self, canary: int, record: Record, subsets: Subsets) -> None:
         """Set the canary's weight in every managed route and the record beside it, in one conditional write."""
-        assert self.subsets is not None
-        for _ in range(MAX_CONFLICT_RETRIES):
-            patch = {
-                "metadata": {
-                    "resourceVersion": self.vs["metadata"]["resourceVersion"],
-                    "annotations": {RECORD_ANNOTATION: record.to_json()},
-                },
-                "spec": {"http": weighted_http(self.vs, self.subsets, canary)},
-            }
-            try:
-                self.vs = await self._kube.merge_patch(VIRTUALSERVICES, self.namespace, self.service, patch)
-                return
-            except Conflict:
-                try:
-                    self.vs = await self._kube.get(VIRTUALSERVICES, self.namespace, self.service)
-                except NotFound:
-                    raise RouteError(f"VirtualService {self.service} was deleted during the rollout") from None
-                # Someone else wrote. If it was another BirdWatch claiming the object, it got there first.
-                theirs = Record.parse(self.vs)
-                if theirs and theirs.uid != record.uid and not theirs.done and theirs.uid not in self._stale_claims:
-                    raise AlreadyManaged(
-                        f"VirtualService {self.service} is already managed by BirdWatch {theirs.birdwatch}"
-                    ) from None
-            except NotFound:
-                raise RouteError(f"VirtualService {self.service} was deleted during the rollout") from None
-        raise Conflict(409, "Conflict", f"VirtualService {self.service} kept changing; gave up after retries")
+        assert self.vs is not None
+        patch = {
+            "metadata": {
+                "resourceVersion": self.vs["metadata"]["resourceVersion"],
+                "annotations": {RECORD_ANNOTATION: record.to_json()},
+            },
+            "spec": {"http": weighted_http(self.vs, subsets, canary)},
+        }
+        self.vs = await self._patch(VIRTUALSERVICES, patch)
+
+    async def _patch_dr(self, change: Any, subsets: Subsets) -> None:
+        assert self.dr is not None
+        new = change(self.dr, subsets, self.canary_version)
+        if new is None:
+            return
+        patch = {"metadata": {"resourceVersion": self.dr["metadata"]["resourceVersion"]}, "spec": {"subsets": new}}
+        self.dr = await self._patch(DESTINATIONRULES, patch)
+
+    async def _get(self, resource: Resource) -> Obj | None:
+        try:
+            return await self._kube.get(resource, self.namespace, self.service)
+        except NotFound:
+            return None
+
+    async def _patch(self, resource: Resource, patch: Obj) -> Obj:
+        try:
+            return await self._kube.merge_patch(resource, self.namespace, self.service, patch)
+        except Conflict:
+            # Someone else wrote: keep what is there now, so the next decision starts from it.
+            fresh = await self._get(resource)
+            if resource is VIRTUALSERVICES:
+                self.vs = fresh
+            else:
+                self.dr = fresh
+            raise
+        except NotFound:
+            self.forget()
+            raise

@@ -41,6 +41,8 @@ class Status:
     skipped_checks: int = 0
     last_step_time: str | None = None
     message: str = ""
+    reason: str = ""  # the machine reason of the phase, as in the Event that announced it
+    waiting_since: str | None = None  # when this generation began waiting (ready_timeout counts from here)
 
     def but(self, **changes: Any) -> Status:
         return replace(self, **changes)
@@ -59,17 +61,21 @@ class Status:
                 skipped_checks=int(raw.get("skippedChecks", 0)),
                 last_step_time=raw.get("lastStepTime"),
                 message=str(raw.get("message", "")),
+                reason=str(raw.get("reason", "")),
+                waiting_since=raw.get("waitingSince"),
             )
         except (KeyError, ValueError, TypeError):
             return None
 
 
 def _conditions(status: Status) -> dict[str, tuple[str, str]]:
-    """type -> (status, reason). Ready: the canary is production. Progressing: a rollout is under way."""
+    """type -> (status, reason). Ready: the canary is production. Progressing: a rollout is under way. The reason
+    is the specific one (BadQuery, Forbidden, ...) where there is one, else the phase."""
     phase = status.phase
+    reason = status.reason or phase.value
     return {
-        "Ready": ("True" if phase is Phase.PROMOTED else "False", phase.value),
-        "Progressing": ("True" if not phase.terminal else "False", phase.value),
+        "Ready": ("True" if phase is Phase.PROMOTED else "False", reason),
+        "Progressing": ("True" if not phase.terminal else "False", reason),
     }
 
 
@@ -111,6 +117,8 @@ class StatusWriter:
             "skippedChecks": status.skipped_checks,
             "lastStepTime": status.last_step_time,
             "message": status.message,
+            "reason": status.reason,
+            "waitingSince": status.waiting_since,
             "conditions": conditions,
         }
 

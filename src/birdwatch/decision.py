@@ -1,0 +1,654 @@
+"""The rules of a rollout, in one pure function: from what a canary task observes, what to write and when to look
+again.
+
+``decide(observed)`` does no I/O and reads no clock (the time is an argument), so every rule is unit-tested as a
+table, and a task resumed after a restart takes the same path as one that never stopped: it observes the rollout's
+record on the VirtualService (written atomically with the weights), the BirdWatch's status, the DestinationRule
+and, when the rules ask for them, the canary Deployment's readiness and one metric reading; then it decides.
+
+Top to bottom, the rules are:
+
+1. A spec that cannot be carried out ends ``Failed`` at once; so does anything only the user can mend (PromQL that
+   Prometheus rejects, a VirtualService another BirdWatch manages, a split with a foreign subset).
+2. An API call that failed is reported (status, a Warning Event, a log line) and tried again with capped backoff.
+3. Whatever is missing (VirtualService, DestinationRule, production route) is waited for, within ``ready_timeout``.
+4. The rollout record says where the rollout is. A record of an earlier generation means the spec changed; no
+   record means a fresh rollout, which starts from the weight the canary has now (no traffic moves before a check).
+5. Before the baseline: the canary subset, the claim on the VirtualService, the query checked, the canary
+   Deployment available, then the baseline and the first step, in one traffic write.
+6. After it: at each check, healthy steps up (or promotes at the top); unhealthy counts towards
+   ``failure_threshold`` and then rolls back or freezes; weights someone else moved stop the rollout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .judge import Verdict, at_top, judge, next_weight, read_value
+from .notify import Moment
+from .router import Record, Subsets, Traffic
+from .spec import TERMINAL, BirdWatchSpec, NoData, Phase, Unhealthy
+from .status import Status, parse_time
+
+# How often to look again while waiting for something to appear or become ready: soon at first, so that an
+# ``apply -f`` of a folder goes on within seconds, then less often for what takes long.
+WAIT_POLL = ((15.0, 1.0), (120.0, 2.5), (math.inf, 10.0))
+# After an API failure: 1, 2, 4, ... seconds, capped, so a fixed cause (RBAC granted) is noticed within 30 s.
+FAILURE_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+QUIET_RETRIES = 2  # transient API failures (5xx, 429, transport) retried this often before they are reported
+
+
+class Need(enum.Enum):
+    """An observation the rules need before they can decide; the task makes it and asks again."""
+
+    READINESS = "readiness"
+    METRIC = "metric"
+
+
+class DestinationRuleChange(enum.Enum):
+    PREPARE = "prepare"  # the canary subset exists and selects the canary's version
+    PROMOTE = "promote"  # named subsets: production selects the canary's version
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reading:
+    """One answer to the metric query."""
+
+    value: float | None = None  # None: no data
+    error: str | None = None  # the query gave no number
+    rejected: bool = False  # with ``error``: asking again will not help (bad PromQL, several series)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """An API call of the last round that failed for good (or for the ``attempts``-th time in a row)."""
+
+    status: int  # HTTP status, 0 for a transport failure
+    summary: str  # which verb on which object, and the API server's own words
+    retryable: bool  # the server may answer better as it is (5xx, 429, transport)
+    attempts: int = 1
+    reason: str = ""  # overrides the reason derived from ``status`` (InternalError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observed:
+    """Everything the rules read. ``spec`` is None when it could not be parsed (``spec_error`` says why)."""
+
+    now: float  # seconds since the epoch
+    name: str
+    uid: str
+    generation: int
+    spec: BirdWatchSpec | None
+    spec_error: str = ""
+    status: Status  # the BirdWatch's status as last read or written
+    traffic: Traffic
+    metric_digest: str = ""  # of the spec's metric: a changed query means a new baseline
+    other_owner: str | None = None  # another BirdWatch whose rollout holds the VirtualService
+    query_checked: bool = False  # Prometheus accepted the query once in this task
+    readiness: tuple[bool, str] | None = None  # (available, why), when asked for
+    reading: Reading | None = None  # when asked for
+    failure: Failure | None = None
+    stopping: bool = False
+    poll: float = 1.0  # shortest wait between looks while waiting
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrafficWrite:
+    weight: int
+    record: Record
+    subsets: Subsets
+
+
+@dataclass(frozen=True, kw_only=True)
+class Say:
+    """A moment worth telling: an Event, a log line, and a notification when ``moment`` is set."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+    moment: Moment | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What to do, in this order: the DestinationRule, the traffic, the status, then tell. ``wake`` is when to
+    look again (seconds since the epoch); ``ended`` says the rollout reached a terminal phase and the task ends.
+    ``need`` asks for an observation first, and then nothing else is done."""
+
+    need: Need | None = None
+    destination_rule: DestinationRuleChange | None = None
+    traffic: TrafficWrite | None = None
+    status: Status | None = None
+    say: tuple[Say, ...] = ()
+    notes: tuple[str, ...] = ()  # log lines without an Event (info level)
+    wake: float | None = None
+    ended: Phase | None = None
+    stop: bool = False
+
+    def but(self, **changes: object) -> Decision:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Ctx:
+    """What every rule below needs, worked out once."""
+
+    o: Observed
+    spec: BirdWatchSpec
+    status: Status  # the status of this generation (a fresh one when the stored one is older)
+    record: Record | None  # ours, of any generation; None when absent or another BirdWatch's
+    waiting_since: float
+
+
+def decide(o: Observed) -> Decision:
+    if o.stopping:
+        return Decision(stop=True)
+    current = o.status.observed_generation == o.generation
+    status = o.status if current else Status(phase=Phase.PENDING, observed_generation=o.generation)
+    if o.spec is None:
+        return _end(status, Phase.FAILED, "InvalidSpec", o.spec_error, weight=o.traffic.weight)
+    if current and o.status.phase in TERMINAL:
+        return Decision(ended=o.status.phase)  # this generation already ended; nothing left to do
+    since = parse_time(status.waiting_since) or o.now
+    record = o.traffic.record if o.traffic.record is not None and o.traffic.record.uid == o.uid else None
+    ctx = _Ctx(o=o, spec=o.spec, status=status, record=record, waiting_since=since)
+    if o.failure is not None:
+        return _report_failure(ctx, o.failure)
+    traffic = o.traffic
+    if traffic.problem is not None:
+        if not traffic.transient:
+            return _end(status, Phase.FAILED, "RouteInvalid", traffic.problem, weight=traffic.weight)
+        return _wait(ctx, "RouteMissing", f"waiting for {_missing(traffic.problem)}", timed_out=_fail_timeout)
+    if o.other_owner is not None:
+        message = f"VirtualService {o.spec.service} is already managed by BirdWatch {o.other_owner}"
+        return _end(status, Phase.FAILED, "AlreadyManaged", message, weight=traffic.weight)
+    if record is not None and record.generation != o.generation and not record.done:
+        return _spec_changed(ctx, record)
+    if record is not None and record.generation == o.generation and record.done and record.phase in _ENDINGS:
+        return _ended_before(ctx, record)
+    if record is None or record.generation != o.generation or record.done:
+        return _claim(ctx)
+    if not traffic.canary_subset_ready and not traffic.production_promoted:
+        return Decision(destination_rule=DestinationRuleChange.PREPARE, wake=o.now)
+    if traffic.weight != record.weight:
+        return _overridden(ctx, record)
+    baseline = record.baseline if record.baseline is not None else _kept_baseline(ctx, record)
+    if baseline is None:
+        return _before_baseline(ctx, record)
+    return _progress(ctx, record, baseline)
+
+
+# --- before the rollout is ours --------------------------------------------------------------------------------
+
+
+def _claim(ctx: _Ctx) -> Decision:
+    """A fresh rollout (no record of this generation): the canary subset first, then the record on the
+    VirtualService at the weight the canary has now, so no traffic moves before the first check."""
+    o, traffic = ctx.o, ctx.o.traffic
+    assert traffic.subsets is not None
+    if not traffic.canary_subset_ready:
+        return Decision(destination_rule=DestinationRuleChange.PREPARE, wake=o.now)
+    weight = traffic.weight
+    record = _record(ctx, weight=weight, baseline=None, step_time=None)
+    notes: tuple[str, ...] = ("rollout claimed the VirtualService",)
+    if weight:
+        notes += (f"the canary already has {weight}% of the traffic; the rollout goes on from there",)
+    status = ctx.status.but(
+        phase=Phase.PENDING,
+        canary_weight=weight,
+        reason="Claimed",
+        message=f"VirtualService {ctx.spec.service} claimed at {weight}%; checking the metric query",
+        waiting_since=_stamp(ctx.waiting_since),
+    )
+    return Decision(
+        traffic=TrafficWrite(weight=weight, record=record, subsets=traffic.subsets),
+        status=status,
+        notes=notes,
+        wake=o.now,
+    )
+
+
+def _spec_changed(ctx: _Ctx, record: Record) -> Decision:
+    """The spec changed mid-rollout. A new canary version sends all traffic back to production first (its pods
+    are not the ones judged so far); otherwise the rollout goes on from the current weight under the new spec,
+    with the same baseline unless the query changed."""
+    o, spec, traffic = ctx.o, ctx.spec, ctx.o.traffic
+    assert traffic.subsets is not None
+    if record.canary != spec.canary_version:
+        message = (
+            f"canary_version changed from {record.canary} to {spec.canary_version}: "
+            "all traffic back to production before starting over"
+        )
+        return Decision(
+            traffic=TrafficWrite(weight=0, record=_record(ctx, weight=0), subsets=traffic.subsets),
+            status=ctx.status.but(phase=Phase.PENDING, canary_weight=0, reason="TrafficReset", message=message),
+            say=(Say(type="Warning", reason="TrafficReset", message=message),),
+            wake=o.now,
+        )
+    weight = min(traffic.weight, spec.max_weight)
+    baseline = record.baseline if record.metric == o.metric_digest else None
+    step_time = record.step_time if baseline is not None else None
+    message = f"spec changed: going on from {weight}% under the new spec"
+    if baseline is None and record.baseline is not None:
+        message += " (the metric changed: a new baseline first)"
+    return Decision(
+        traffic=TrafficWrite(
+            weight=weight,
+            record=_record(ctx, weight=weight, baseline=baseline, step_time=step_time),
+            subsets=traffic.subsets,
+        ),
+        status=ctx.status.but(
+            phase=Phase.PROGRESSING if baseline is not None else Phase.PENDING,
+            canary_weight=weight,
+            baseline=baseline,
+            reason="RolloutRestarted",
+            message=message,
+        ),
+        say=(Say(type="Normal", reason="RolloutRestarted", message=message),),
+        wake=o.now,
+    )
+
+
+def _ended_before(ctx: _Ctx, record: Record) -> Decision:
+    """This generation's last traffic write says the rollout ended, but its status does not: birdwatch stopped
+    between the two writes. Write the ending it reached; the traffic is already right."""
+    phase, moment, kind, weight = _ENDINGS[record.phase or ""]
+    message = f"{phase.value}: the rollout had ended when birdwatch stopped, before its status was written"
+    status = ctx.status.but(phase=phase, canary_weight=weight, baseline=record.baseline, reason=phase.value)
+    return _end(status, phase, phase.value, message, weight=weight, moment=moment, kind=kind)
+
+
+_ENDINGS = {
+    Phase.PROMOTED.value: (Phase.PROMOTED, Moment.PROMOTED, "Normal", 100),
+    Phase.ROLLED_BACK.value: (Phase.ROLLED_BACK, Moment.ROLLED_BACK, "Warning", 0),
+}
+
+
+def _kept_baseline(ctx: _Ctx, record: Record) -> float | None:
+    """A baseline in this generation's status but not yet on the record: birdwatch stopped between taking it and
+    the first step. Its query is the same (the record's digest), so the value stands."""
+    if (
+        ctx.status.baseline is not None
+        and record.metric == ctx.o.metric_digest
+        and ctx.status.phase is Phase.PROGRESSING
+    ):
+        return ctx.status.baseline
+    return None
+
+
+# --- waiting for the objects, the canary and the baseline ------------------------------------------------------
+
+
+def _before_baseline(ctx: _Ctx, record: Record) -> Decision:
+    o, spec = ctx.o, ctx.spec
+    if o.readiness is None:
+        return Decision(need=Need.READINESS)
+    ready, why = o.readiness
+    reading = o.reading
+    if reading is None and (ready or not o.query_checked):
+        return Decision(need=Need.METRIC)  # before the canary is ready: only to find a bad query early
+    if reading is not None and reading.error is not None:
+        if reading.rejected:
+            return _end(ctx.status, Phase.FAILED, "BadQuery", reading.error, weight=record.weight)
+        return _wait(
+            ctx,
+            "MetricUnavailable",
+            f"waiting for the metric: {reading.error}",
+            timed_out=lambda c, message: _unhealthy(c, record, message, reason="NoBaseline"),
+        )
+    if not ready:
+        return _wait(
+            ctx,
+            "CanaryNotReady",
+            f"waiting for the canary: {why}",
+            phase=Phase.WAITING,
+            timed_out=lambda c, _: _unhealthy(
+                c,
+                record,
+                f"the canary was not available after ready_timeout {spec.ready_timeout}s: {why}",
+                reason="ReadyTimeout",
+            ),
+        )
+    assert reading is not None
+    value = read_value(reading.value, spec.no_data)
+    if value is None:
+        if spec.no_data is NoData.FAIL:
+            message = "the metric returned no data for the baseline (no_data: fail)"
+            return _end(ctx.status, Phase.FAILED, "NoData", message, weight=record.weight)
+        return _wait(
+            ctx,
+            "NoBaseline",
+            "the metric returned no data for the baseline yet (no_data: skip)",
+            phase=Phase.WAITING,
+            timed_out=lambda c, message: _unhealthy(c, record, message, reason="NoBaseline"),
+        )
+    started = Say(
+        type="Normal",
+        reason="RolloutStarted",
+        message=f"baseline {value:g} at {record.weight}%; stepping {spec.increment}% every {spec.interval}s "
+        f"up to {spec.max_weight}%",
+        moment=Moment.STARTED,
+        value=value,
+    )
+    step = _step(ctx, record, baseline=value, last_value=value)
+    return step.but(say=(started, *step.say), notes=("baseline taken",))
+
+
+def _wait(
+    ctx: _Ctx,
+    reason: str,
+    message: str,
+    *,
+    phase: Phase | None = None,
+    timed_out: Callable[[_Ctx, str], Decision],
+) -> Decision:
+    """Waiting for something that may yet appear, bounded by ``ready_timeout`` from when this generation began
+    waiting (kept in status, so a restart does not start the clock over)."""
+    o, spec = ctx.o, ctx.spec
+    waited = o.now - ctx.waiting_since
+    if waited >= spec.ready_timeout:
+        return timed_out(ctx, f"{message} (for ready_timeout {spec.ready_timeout}s)")
+    if phase is None:
+        phase = Phase.PENDING if ctx.status.phase is Phase.PENDING else Phase.WAITING
+    status = ctx.status.but(phase=phase, reason=reason, message=message, waiting_since=_stamp(ctx.waiting_since))
+    poll = max(o.poll, next(p for limit, p in WAIT_POLL if waited < limit))
+    wake = min(o.now + poll, ctx.waiting_since + spec.ready_timeout)
+    changed = status != ctx.status
+    return Decision(
+        status=status if changed else None,
+        notes=(message,) if changed and status.message != ctx.status.message else (),
+        wake=wake,
+    )
+
+
+# --- the rollout proper --------------------------------------------------------------------------------------
+
+
+def _progress(ctx: _Ctx, record: Record, baseline: float) -> Decision:
+    o, spec = ctx.o, ctx.spec
+    step_time = parse_time(record.step_time)
+    due = (step_time if step_time is not None else o.now) + spec.interval
+    # What the status should say at this point of the record (also mends a status a restart left behind).
+    status = ctx.status.but(
+        phase=Phase.PROGRESSING,
+        canary_weight=record.weight,
+        baseline=baseline,
+        last_step_time=record.step_time,
+    )
+    if ctx.status.phase is not Phase.PROGRESSING:
+        status = status.but(reason="Progressing", message=f"canary at {record.weight}%")
+    if step_time is None:
+        # The record has a baseline but no step (the spec changed before the first step): step now.
+        return _step(ctx, record, baseline=baseline, last_value=status.last_value)
+    if o.now < due:
+        return Decision(status=status if status != ctx.status else None, wake=due)
+    if o.reading is None:
+        return Decision(need=Need.METRIC)
+    ctx = replace(ctx, status=status)
+    reading = o.reading
+    if reading.error is not None:
+        verdict, value, why = Verdict.UNHEALTHY, None, f"the metric could not be read: {reading.error}"
+    else:
+        judgement = judge(reading.value, baseline=baseline, spec=spec)
+        verdict, value, why = judgement.verdict, judgement.value, judgement.reason
+    if verdict is Verdict.HEALTHY:
+        if at_top(record.weight, spec):
+            return _promote(ctx, record, value, why)
+        return _step(ctx, record, baseline=baseline, last_value=value)
+    if verdict is Verdict.SKIPPED:
+        skipped = status.skipped_checks + 1
+        if skipped > spec.failure_threshold:
+            ctx = replace(ctx, status=status.but(skipped_checks=skipped))
+            return _unhealthy(ctx, record, f"no data for {skipped} checks in a row", value=value)
+        message = f"{why}; holding at {record.weight}% ({skipped}/{spec.failure_threshold} skipped)"
+        held = status.but(last_value=value, skipped_checks=skipped, reason="CheckSkipped", message=message)
+        return Decision(status=held, notes=(message,), wake=o.now + spec.interval)
+    failed = status.failed_checks + 1
+    if failed >= spec.failure_threshold:
+        return _unhealthy(replace(ctx, status=status.but(failed_checks=failed)), record, why, value=value)
+    message = f"{why}; holding at {record.weight}% ({failed}/{spec.failure_threshold} failed checks)"
+    held = status.but(last_value=value, failed_checks=failed, reason="CheckFailed", message=message)
+    return Decision(
+        status=held,
+        say=(Say(type="Warning", reason="CheckFailed", message=message, value=value),),
+        wake=o.now + spec.interval,
+    )
+
+
+def _step(ctx: _Ctx, record: Record, *, baseline: float, last_value: float | None) -> Decision:
+    o, spec, traffic = ctx.o, ctx.spec, ctx.o.traffic
+    assert traffic.subsets is not None
+    weight = next_weight(record.weight, spec)
+    stamp = _stamp(o.now, micro=True)
+    message = f"canary at {weight}%"
+    status = ctx.status.but(
+        phase=Phase.PROGRESSING,
+        canary_weight=weight,
+        baseline=baseline,
+        last_value=last_value,
+        last_step_time=stamp,
+        failed_checks=0,
+        skipped_checks=0,
+        reason="TrafficShifted",
+        message=message,
+        waiting_since=None,  # the wait is over: a later one (the VirtualService deleted mid-rollout) starts afresh
+    )
+    return Decision(
+        traffic=TrafficWrite(
+            weight=weight,
+            record=_record(ctx, weight=weight, baseline=baseline, step_time=stamp),
+            subsets=traffic.subsets,
+        ),
+        status=status,
+        say=(
+            Say(
+                type="Normal", reason="TrafficShifted", message=f"canary weight {weight}% (production {100 - weight}%)"
+            ),
+        ),
+        wake=o.now + spec.interval,
+    )
+
+
+def _overridden(ctx: _Ctx, record: Record) -> Decision:
+    """Someone else (a person, a GitOps tool syncing the VirtualService back to git) set the weights to something
+    birdwatch did not write. Fighting them would flap production traffic; following them would release a canary
+    nobody judged at that weight. So the rollout stops where they put it, and says so."""
+    weight = ctx.o.traffic.weight
+    message = (
+        f"traffic overridden: the canary has {weight}% but birdwatch last wrote {record.weight}%; "
+        "the rollout is frozen so as not to fight whoever changed it (see the README on GitOps)"
+    )
+    return _end(
+        ctx.status.but(last_step_time=record.step_time),
+        Phase.FROZEN,
+        "TrafficOverridden",
+        message,
+        weight=weight,
+        moment=Moment.FROZEN,
+    )
+
+
+# --- endings -------------------------------------------------------------------------------------------------
+
+
+def _promote(ctx: _Ctx, record: Record, value: float | None, why: str) -> Decision:
+    traffic, spec = ctx.o.traffic, ctx.spec
+    assert traffic.subsets is not None
+    named = traffic.subsets.named
+    # Named subsets: production selects the canary's version first, then all traffic goes to production.
+    weight = 0 if named else 100
+    message = f"canary {spec.canary_version} promoted to production ({why})"
+    ending = _end(ctx.status, Phase.PROMOTED, "Promoted", message, weight=100, moment=Moment.PROMOTED, value=value)
+    return ending.but(
+        destination_rule=DestinationRuleChange.PROMOTE if named else None,
+        traffic=TrafficWrite(
+            weight=weight,
+            record=_record(
+                ctx, weight=weight, baseline=record.baseline, step_time=record.step_time, done=Phase.PROMOTED
+            ),
+            subsets=traffic.subsets,
+        ),
+    )
+
+
+def _unhealthy(
+    ctx: _Ctx, record: Record, why: str, *, value: float | None = None, reason: str = "CanaryUnhealthy"
+) -> Decision:
+    traffic, spec = ctx.o.traffic, ctx.spec
+    assert traffic.subsets is not None
+    alarm = Say(type="Warning", reason=reason, message=why, moment=Moment.UNHEALTHY, value=value)
+    if spec.if_unhealthy is Unhealthy.ROLLBACK:
+        ending = _end(
+            ctx.status,
+            Phase.ROLLED_BACK,
+            "RolledBack",
+            f"rolled back: {why}",
+            weight=0,
+            moment=Moment.ROLLED_BACK,
+            value=value,
+        )
+        return ending.but(
+            traffic=TrafficWrite(
+                weight=0,
+                record=_record(
+                    ctx, weight=0, baseline=record.baseline, step_time=record.step_time, done=Phase.ROLLED_BACK
+                ),
+                subsets=traffic.subsets,
+            ),
+            say=(alarm, *ending.say),
+        )
+    ending = _end(
+        ctx.status,
+        Phase.FROZEN,
+        "Frozen",
+        f"frozen at {record.weight}%: {why}",
+        weight=record.weight,
+        moment=Moment.FROZEN,
+        value=value,
+    )
+    return ending.but(say=(alarm, *ending.say))
+
+
+def _fail_timeout(ctx: _Ctx, message: str) -> Decision:
+    return _end(ctx.status, Phase.FAILED, "RouteMissing", message, weight=ctx.o.traffic.weight)
+
+
+def _end(
+    status: Status,
+    phase: Phase,
+    reason: str,
+    message: str,
+    *,
+    weight: int,
+    moment: Moment | None = None,
+    kind: str = "",
+    value: float | None = None,
+) -> Decision:
+    kind = kind or ("Normal" if phase is Phase.PROMOTED else "Warning")
+    final = status.but(
+        phase=phase,
+        canary_weight=weight,
+        reason=reason,
+        message=message,
+        last_value=value if value is not None else status.last_value,
+    )
+    return Decision(
+        status=final,
+        say=(Say(type=kind, reason=reason, message=message, moment=moment or _MOMENTS.get(phase), value=value),),
+        ended=phase,
+    )
+
+
+_MOMENTS = {
+    Phase.PROMOTED: Moment.PROMOTED,
+    Phase.ROLLED_BACK: Moment.ROLLED_BACK,
+    Phase.FROZEN: Moment.FROZEN,
+    Phase.FAILED: Moment.FAILED,
+}
+
+
+# --- API failures ----------------------------------------------------------------------------------------------
+
+_FAILURE_REASONS = {0: "Unreachable", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict"}
+
+
+def failure_reason(status: int) -> str:
+    if status in _FAILURE_REASONS:
+        return _FAILURE_REASONS[status]
+    if status == 422:
+        return "Invalid"
+    if status == 429:
+        return "Throttled"
+    return "ApiError"
+
+
+def _report_failure(ctx: _Ctx, failure: Failure) -> Decision:
+    """Say what the API server refused (which verb on which object, in its own words) and try again later. The
+    phase and the traffic stay as they are: nothing was half-done, since each write is one request."""
+    o = ctx.o
+    delay = FAILURE_BACKOFF[min(failure.attempts - 1, len(FAILURE_BACKOFF) - 1)]
+    if failure.retryable and failure.attempts <= QUIET_RETRIES:
+        return Decision(notes=(f"API call failed; retrying: {failure.summary}",), wake=o.now + delay / 2)
+    reason = failure.reason or failure_reason(failure.status)
+    message = f"{failure.summary}; retrying until it succeeds"
+    status = ctx.status.but(reason=reason, message=message)
+    return Decision(
+        status=status if status != ctx.status else None,
+        say=(Say(type="Warning", reason=reason, message=message),),
+        wake=o.now + delay,
+    )
+
+
+# --- small helpers ---------------------------------------------------------------------------------------------
+
+
+def _record(
+    ctx: _Ctx,
+    *,
+    weight: int,
+    baseline: float | None = None,
+    step_time: str | None = None,
+    done: Phase | None = None,
+) -> Record:
+    o = ctx.o
+    return Record(
+        birdwatch=o.name,
+        uid=o.uid,
+        generation=o.generation,
+        canary=ctx.spec.canary_version,
+        weight=weight,
+        baseline=baseline,
+        step_time=step_time,
+        done=done is not None,
+        metric=o.metric_digest,
+        phase=done.value if done is not None else None,
+    )
+
+
+def _missing(problem: str) -> str:
+    """'VirtualService x not found in namespace y' reads better after 'waiting for' without 'not found'."""
+    return problem.replace(" not found in namespace ", " in namespace ")
+
+
+def _stamp(when: float, *, micro: bool = False) -> str:
+    moment = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
+
+
+__all__ = [
+    "Decision",
+    "DestinationRuleChange",
+    "Failure",
+    "Need",
+    "Observed",
+    "Reading",
+    "Say",
+    "TrafficWrite",
+    "decide",
+    "failure_reason",
+]

@@ -277,36 +277,37 @@ def _two_serving_subsets(admin: KubeHTTP, ns: str) -> None:
 def corpus(namespace_of: Callable[[str], str]) -> list[Corpus]:
     ns = namespace_of
     return [
+        # What is missing may yet be applied: waited for, then Failed after ready_timeout.
         Corpus(
             "no-virtualservice",
-            {"service": "ghost"},
+            {"service": "ghost", "ready_timeout": 2},
             "Failed",
-            (f"VirtualService ghost not found in namespace {ns('no-virtualservice')}",),
-            "RouteInvalid",
+            (f"waiting for VirtualService ghost in namespace {ns('no-virtualservice')}", "ready_timeout 2s"),
+            "RouteMissing",
         ),
         Corpus(
             "no-production-route",
-            {},
+            {"ready_timeout": 2},
             "Failed",
-            ("no HTTP route of VirtualService aleph sends traffic to subset production",),
-            "RouteInvalid",
+            ("no HTTP route of VirtualService aleph sends traffic to subset production", "ready_timeout 2s"),
+            "RouteMissing",
             setup=_route_without_production,
         ),
         Corpus(
             "no-route-on-the-host",
-            {},
+            {"ready_timeout": 2},
             "Failed",
-            ("no HTTP route of VirtualService aleph sends traffic to a production subset",),
-            "RouteInvalid",
+            ("no HTTP route of VirtualService aleph sends traffic to a production subset", "ready_timeout 2s"),
+            "RouteMissing",
             setup=_route_to_another_host,
             named=False,
         ),
         Corpus(
             "no-destinationrule",
-            {},
+            {"ready_timeout": 2},
             "Failed",
-            (f"DestinationRule aleph not found in namespace {ns('no-destinationrule')}",),
-            "RouteInvalid",
+            (f"waiting for DestinationRule aleph in namespace {ns('no-destinationrule')}", "ready_timeout 2s"),
+            "RouteMissing",
             setup=_no_destination_rule,
         ),
         Corpus(
@@ -573,7 +574,8 @@ class Refusal:
 REFUSALS = [
     Refusal("refused", "sum(refuse_401)", "Failed", "refused the credentials: HTTP 401 Unauthorized Basic ***"),
     Refusal("echoed", "sum(echo_400)", "Failed", "Prometheus rejected the metric query: invalid parameter"),
-    Refusal("flaky", "sum(echo_503)", "Failed", "answered HTTP 503 Service Unavailable: unavailable: overloaded"),
+    # Prometheus overloaded before the baseline is waited out (ready_timeout), then rolled back.
+    Refusal("flaky", "sum(echo_503)", "RolledBack", "answered HTTP 503 Service Unavailable: unavailable: overloaded"),
     Refusal("proxied", "sum(proxy_407)", "Failed", "answered HTTP 407 Proxy Authentication Required: proxy says no"),
     Refusal("flip", "sum(then_401)", "RolledBack", "the metric could not be read"),
 ]
@@ -630,11 +632,19 @@ async def test_secrets_never_appear(
         async with secret_run(cluster, admin_http, control_plane, prom, slack):
             for r in REFUSALS:
                 await cluster.create_bw(
-                    birdwatch(r.name, service=r.name, canary_version=r.versions[1], metric=r.metric, interval=1)
+                    birdwatch(
+                        r.name,
+                        service=r.name,
+                        canary_version=r.versions[1],
+                        metric=r.metric,
+                        interval=1,
+                        ready_timeout=3,
+                    )
                 )
             statuses = await asyncio.gather(*(cluster.wait_phase(r.phase, r.name) for r in REFUSALS))
             if slack_answers == "ok":
-                # Started (flip), failed x4, unhealthy + rolled back (flip), and the Prometheus-down notice.
+                # Failed x3, unhealthy + rolled back (flaky), started + unhealthy + rolled back (flip), and the
+                # Prometheus-down notice.
                 await slack.wait_for_messages(8, timeout=10)
             else:
                 await eventually(
@@ -675,7 +685,8 @@ async def test_secrets_never_appear_when_nothing_answers(
     json_log: JsonLog,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Prometheus and Slack both on a port nobody listens on: connection errors, retries, a NoBaseline failure."""
+    """Prometheus and Slack both on a port nobody listens on: connection errors, retries, then no baseline within
+    ready_timeout (rolled back)."""
     service(admin_http, cluster.namespace, "aleph", "v03", "v04")
     dead = f"http://127.0.0.1:{unused_tcp_port}"
     env = {"SLACK_API_TOKEN": SLACK_TOKEN, "SLACK_API_URL": f"{dead}/api/", "PROMETHEUS_PASSWORD": PROM_PASSWORD}
@@ -686,8 +697,8 @@ async def test_secrets_never_appear_when_nothing_answers(
         extra=["--prometheus-username", PROM_USER],
         env=env,
     ):
-        await cluster.create_bw(birdwatch("aleph", metric="sum(up)", interval=1))
-        status = await cluster.wait_phase("Failed")
+        await cluster.create_bw(birdwatch("aleph", metric="sum(up)", interval=1, ready_timeout=3))
+        status = await cluster.wait_phase("RolledBack")
         await eventually(lambda: _soon_logged(json_log, "slack notification failed"), timeout=15, what="a failed post")
     assert "cannot reach Prometheus at" in status["message"]
     said = await everything_said(cluster, json_log, caplog)
@@ -709,8 +720,8 @@ async def test_an_error_page_cut_mid_credentials_leaks_no_piece_of_them(
         FakeSlack(token=SLACK_TOKEN) as slack,
         secret_run(cluster, admin_http, control_plane, prom, slack),
     ):
-        await cluster.create_bw(birdwatch("aleph", metric="sum(proxy_502)", interval=1))
-        status = await cluster.wait_phase("Failed")
+        await cluster.create_bw(birdwatch("aleph", metric="sum(proxy_502)", interval=1, ready_timeout=3))
+        status = await cluster.wait_phase("RolledBack")
     assert "answered HTTP 502 Bad Gateway" in status["message"]
     assert leaks(status["message"]) == [], status["message"]
     assert leaks(json_log.text) == []

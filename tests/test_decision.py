@@ -201,6 +201,17 @@ CASES: list[tuple[str, Observed, Expect]] = [
         ),
     ),
     # --- fresh rollout: claim ------------------------------------------------------------------------------------
+    ("fresh: check the query before writing anything", obs(query_checked=False), Expect(need=Need.METRIC)),
+    (
+        "fresh, bad PromQL: Failed before any write",
+        obs(query_checked=False, reading=Reading(error="Prometheus rejected the metric query: bad", rejected=True)),
+        Expect(phase=Phase.FAILED, fields={"reason": "BadQuery"}, say=("BadQuery",), ended=Phase.FAILED),
+    ),
+    (
+        "fresh, Prometheus down: claim anyway (waited for before the baseline)",
+        obs(query_checked=False, reading=Reading(error="connection refused")),
+        Expect(weight=0, phase=Phase.PENDING),
+    ),
     (
         "fresh: the canary subset first",
         obs(traffic=traffic(canary_subset_ready=False)),

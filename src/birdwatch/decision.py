@@ -14,8 +14,9 @@ Top to bottom, the rules are:
 3. Whatever is missing (VirtualService, DestinationRule, production route) is waited for, within ``ready_timeout``.
 4. The rollout record says where the rollout is. A record of an earlier generation means the spec changed; no
    record means a fresh rollout, which starts from the weight the canary has now (no traffic moves before a check).
-5. Before the baseline: the canary subset, the claim on the VirtualService, the query checked, the canary
-   Deployment available, then the baseline and the first step, in one traffic write.
+5. Before the baseline: the query checked (a bad one fails before anything is written), the canary subset, the
+   claim on the VirtualService, the canary Deployment available, then the baseline and the first step, in one
+   traffic write.
 6. After it: at each check, healthy steps up (or promotes at the top); unhealthy counts towards
    ``failure_threshold`` and then rolls back or freezes; weights someone else moved stop the rollout.
 """
@@ -163,7 +164,7 @@ def decide(o: Observed) -> Decision:
     if traffic.problem is not None:
         if not traffic.transient:
             return _end(status, Phase.FAILED, "RouteInvalid", traffic.problem, weight=traffic.weight)
-        return _wait(ctx, "RouteMissing", f"waiting for {_missing(traffic.problem)}", timed_out=_fail_timeout)
+        return _wait(ctx, "RouteMissing", _waiting_for(traffic.problem), timed_out=_fail_timeout)
     if o.other_owner is not None:
         message = f"VirtualService {o.spec.service} is already managed by BirdWatch {o.other_owner}"
         return _end(status, Phase.FAILED, "AlreadyManaged", message, weight=traffic.weight)
@@ -172,6 +173,12 @@ def decide(o: Observed) -> Decision:
     if record is not None and record.generation == o.generation and record.done and record.phase in _ENDINGS:
         return _ended_before(ctx, record)
     if record is None or record.generation != o.generation or record.done:
+        if not o.query_checked:
+            # A bad query is found before anything is written, even before the canary is ready.
+            if o.reading is None:
+                return Decision(need=Need.METRIC)
+            if o.reading.rejected:
+                return _end(status, Phase.FAILED, "BadQuery", o.reading.error or "", weight=traffic.weight)
         return _claim(ctx)
     if not traffic.canary_subset_ready and not traffic.production_promoted:
         return Decision(destination_rule=DestinationRuleChange.PREPARE, wake=o.now)
@@ -630,9 +637,11 @@ def _record(
     )
 
 
-def _missing(problem: str) -> str:
-    """'VirtualService x not found in namespace y' reads better after 'waiting for' without 'not found'."""
-    return problem.replace(" not found in namespace ", " in namespace ")
+def _waiting_for(problem: str) -> str:
+    """'waiting for VirtualService x in namespace y', or 'waiting: <what is wrong>'."""
+    if " not found in namespace " in problem:
+        return "waiting for " + problem.replace(" not found in namespace ", " in namespace ")
+    return f"waiting: {problem}"
 
 
 def _stamp(when: float, *, micro: bool = False) -> str:

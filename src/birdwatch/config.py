@@ -57,9 +57,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
     k = parser.add_argument_group("Kubernetes")
     k.add_argument(
         "--kubeconfig",
-        default=e("KUBECONFIG"),
         metavar="PATH",
-        help="kubeconfig to use [$KUBECONFIG]; default: in-cluster credentials, else ~/.kube/config",
+        help="kubeconfig file to use; default: $KUBECONFIG (a colon-separated list of files, merged as kubectl "
+        "merges them), else in-cluster credentials, else ~/.kube/config",
     )
     k.add_argument("--context", default=e("BIRDWATCH_CONTEXT"), help="kubeconfig context [$BIRDWATCH_CONTEXT]")
     k.add_argument(
@@ -194,6 +194,9 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"PROMETHEUS_URL must be an http:// or https:// URL with a host, not {_redact(url)!r}")
+    kubeconfig_list = _env(env, "KUBECONFIG")
+    if not args.kubeconfig and kubeconfig_list:
+        _check_kubeconfig_list(kubeconfig_list)
     for flag, path in (
         ("--kubeconfig", args.kubeconfig),
         ("--prometheus-token-file", args.prometheus_token_file),
@@ -248,6 +251,18 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         shutdown_grace=args.shutdown_grace,
         watch_read_timeout=args.watch_read_timeout,
     )
+
+
+def _check_kubeconfig_list(value: str) -> None:
+    """$KUBECONFIG as kubectl reads it: files that do not exist are skipped, but one must exist, and every one
+    that exists must be readable. (What is in them is checked when the client loads them.)"""
+    paths = [p for p in value.split(os.pathsep) if p.strip()]
+    existing = [p for p in paths if os.path.exists(os.path.expanduser(p))]
+    if not existing:
+        raise ConfigError(f"$KUBECONFIG {value}: no such file")
+    for path in existing:
+        if not os.access(os.path.expanduser(path), os.R_OK):
+            raise ConfigError(f"$KUBECONFIG {value}: {path} cannot be read")
 
 
 def _redact(url: str) -> str:

@@ -24,6 +24,7 @@ import yaml
 
 from .assets import REPO, Assets
 from .pki import CertificateAuthority, Pair, service_account_keys
+from .tokenauth import TokenServer
 
 ISTIO_CRDS = ("virtualservices.networking.istio.io", "destinationrules.networking.istio.io")
 BIRDWATCH_CRD = REPO / "deploy" / "crd.yaml"
@@ -248,6 +249,7 @@ class ControlPlane:
     ca: Path = field(init=False)
     admin: Pair = field(init=False)
     kubeconfig: Path = field(init=False)
+    tokens: TokenServer | None = field(default=None, init=False)  # bearer tokens the tests decide on
 
     @property
     def url(self) -> str:
@@ -268,6 +270,8 @@ class ControlPlane:
         serving = authority.issue("apiserver", common_name="kube-apiserver", server=True)
         self.admin = authority.issue("admin", common_name="admin", organizations=("system:masters",))
         sa = service_account_keys(pki)
+        # In this process only: a detached (sandbox) control plane outlives it, and the thread with it.
+        self.tokens = None if detach else TokenServer(self.workdir / "tokenauth", authority).start()
         self.etcd_port = self.etcd_port or free_port()
         self.etcd_peer_port = self.etcd_peer_port or free_port()
         self.api_port = self.api_port or free_port()
@@ -317,6 +321,7 @@ class ControlPlane:
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=0",
+                *(self.tokens.apiserver_flags() if self.tokens else ()),
             ],
             self.workdir / "kube-apiserver.log",
         )
@@ -348,6 +353,8 @@ class ControlPlane:
         # The API server first: it would otherwise log a storm of etcd connection errors while shutting down.
         for server in reversed(self.servers):
             server.stop()
+        if self.tokens is not None:
+            self.tokens.stop()
 
     def logs(self) -> dict[str, Server]:
         return {s.name: s for s in self.servers}

@@ -1,21 +1,28 @@
 # syntax=docker/dockerfile:1
-# birdwatch's image: a builder stage makes the wheel, the runtime stage installs only that wheel (its dependencies
-# from PyPI) and runs as UID 10001. No Docker engine is needed to check the install steps: hack/check-wheel.sh
-# builds the same wheel and installs it into a clean virtualenv.
+# birdwatch's image: a builder stage makes the wheel, the runtime stage installs only that wheel and runs as UID
+# 10001. A rebuild gives the same image: the base image is pinned to a patch release and Debian release, and every
+# Python package (the dependencies and the wheel's build backend) is installed at the version constraints.txt pins.
+# No Docker engine is needed to check the install steps: hack/check-wheel.sh (make wheel-check) builds the same wheel
+# the same way and installs it into a clean virtualenv with the same constraints.
 #
 #   docker build -t ghcr.io/otomato-gh/birdwatch:0.1.0 .
 #   docker run --rm ghcr.io/otomato-gh/birdwatch:0.1.0 --help
+#
+# For byte-for-byte rebuilds pin the base image by digest as well (docker buildx imagetools inspect <image> shows it):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest> ...
 
-ARG PYTHON_IMAGE=python:3.11-slim
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # --- builder: the wheel ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# The build context is filtered by .dockerignore: packaging files and src/ only matter here.
+# The build context is filtered by .dockerignore: packaging files, constraints.txt and src/ only matter here.
 COPY . .
-RUN python -m pip wheel --no-deps -w /dist .
+# The build backend at its pinned version, then the wheel without build isolation (which would fetch the newest).
+RUN python -m pip install -c constraints.txt setuptools wheel \
+ && python -m pip wheel --no-build-isolation --no-deps -w /dist .
 
 # --- runtime --------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -31,10 +38,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The wheel is mounted from the builder for this one step, so it never becomes a layer of the image. pip compiles
-# the .pyc files at install time: the container's root filesystem is read-only at run time.
+# The wheel and the constraints are mounted from the builder for this one step, so they never become a layer of the
+# image. pip compiles the .pyc files at install time: the container's root filesystem is read-only at run time.
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
-    python -m pip install /dist/*.whl
+    --mount=type=bind,from=builder,source=/src/constraints.txt,target=/constraints.txt \
+    python -m pip install -c /constraints.txt /dist/*.whl
 
 # A numeric, non-root user: Kubernetes' runAsNonRoot can only verify a numeric UID.
 RUN groupadd --system --gid 10001 birdwatch \

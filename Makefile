@@ -7,8 +7,10 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 SOAK_ARGS ?=
+VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/birdwatch/__init__.py)
+IMAGE   ?= ghcr.io/otomato-gh/birdwatch
 
-.PHONY: help install assets lint test test-fast sandbox-up sandbox-down demo bench soak wheel-check clean
+.PHONY: help install assets lint test test-fast sandbox-up sandbox-down demo bench soak wheel-check release clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -44,7 +46,10 @@ demo: sandbox-up ## two canaries on the sandbox with the real birdwatch: v04 pro
 sandbox-down: install ## stop the sandbox
 	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox down
 
-clean: sandbox-down ## stop the sandbox and remove local state (keeps the binary cache)
+release: install ## dist/install.yaml: CRD and controller in one file (IMAGE=ghcr.io/otomato-gh/birdwatch VERSION=<package version>)
+	$(BIN)/python hack/release.py --version $(VERSION) --image $(IMAGE) --output dist/install.yaml
+
+clean: sandbox-down ## stop the sandbox and remove local state (keeps .venv/ and the binary cache)
 	rm -rf .sandbox .test-logs .demo build dist src/*.egg-info
 
 bench: install assets ## the benchmark: 10, 100 and 500 concurrent canaries on the sandbox (results in bench/results/)

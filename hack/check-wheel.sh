@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Proves the Dockerfile's install steps without Docker: builds birdwatch's wheel from a copy of the sources (as the
-# builder stage does: `pip wheel --no-deps`), installs only that wheel into a new, clean virtualenv with its
-# dependencies from the package index (as the runtime stage does), then checks that
+# builder stage does: setuptools and wheel from constraints.txt, then `pip wheel --no-build-isolation --no-deps`),
+# installs only that wheel into a new, clean virtualenv with its dependencies from the package index at the versions
+# constraints.txt pins (`pip install -c constraints.txt`, as the runtime stage does), then checks that
+#   - every package in that virtualenv is pinned by constraints.txt (else a rebuild could pick another version),
 #   - the wheel holds birdwatch/py.typed and nothing but the birdwatch package (no tests, no test helpers),
 #   - `birdwatch --version` exits 0 and prints "birdwatch <the wheel's version>",
 #   - `birdwatch run --help` exits 0 and shows the run flags,
@@ -30,13 +32,18 @@ say "python: $("$python" -c 'import sys; print(sys.executable, sys.version.split
 #    would leave build/ and *.egg-info behind there).
 src=$work/context
 mkdir -p "$src"
-for f in pyproject.toml setup.cfg README.md LICENSE; do
+constraints=$repo/constraints.txt
+[ -f "$constraints" ] || die "no constraints.txt in $repo (the image installs its dependencies from it)"
+for f in pyproject.toml setup.cfg README.md LICENSE constraints.txt; do
   if [ -e "$repo/$f" ]; then cp "$repo/$f" "$src/"; fi
 done
 cp -R "$repo/src" "$src/src"
 find "$src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
-"$python" -m pip wheel --quiet --no-deps -w "$work/dist" "$src" >"$work/wheel.log" 2>&1 \
-  || die "pip wheel failed" "$work/wheel.log"
+"$python" -m venv "$work/build"
+"$work/build/bin/python" -m pip install --quiet -c "$constraints" setuptools wheel >"$work/build.log" 2>&1 \
+  || die "installing the pinned build backend failed" "$work/build.log"
+"$work/build/bin/python" -m pip wheel --quiet --no-build-isolation --no-deps -w "$work/dist" "$src" \
+  >"$work/wheel.log" 2>&1 || die "pip wheel failed" "$work/wheel.log"
 shopt -s nullglob
 wheels=("$work"/dist/birdwatch-*.whl)
 shopt -u nullglob
@@ -76,10 +83,35 @@ PY
 # 3. A clean virtualenv with only the wheel and its dependencies.
 "$python" -m venv "$work/venv"
 venv=$work/venv/bin
-"$venv/python" -m pip install --quiet "$wheel" >"$work/install.log" 2>&1 \
-  || die "pip install of the wheel into a clean venv failed" "$work/install.log"
+"$venv/python" -m pip install --quiet -c "$constraints" "$wheel" >"$work/install.log" 2>&1 \
+  || die "pip install -c constraints.txt of the wheel into a clean venv failed" "$work/install.log"
 "$venv/python" -m pip check >"$work/check.log" 2>&1 || die "pip check: inconsistent dependencies" "$work/check.log"
-ok "installed into a clean virtualenv with its dependencies; pip check is clean"
+ok "installed into a clean virtualenv with its dependencies (pip install -c constraints.txt); pip check is clean"
+"$venv/python" -m pip list --format=freeze --exclude birdwatch --exclude pip --exclude setuptools >"$work/freeze.txt"
+"$python" - "$constraints" "$work/freeze.txt" <<'PY' || die "constraints.txt does not pin what the image installs"
+import re
+import sys
+
+def pins(path):
+    found = {}
+    for line in open(path):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
+
+wanted, installed = pins(sys.argv[1]), pins(sys.argv[2])
+loose = sorted(n for n in installed if n not in wanted)
+wrong = sorted(f"{n} {installed[n]} (pinned {wanted[n]})" for n in installed if n in wanted and wanted[n] != installed[n])
+for n in loose:
+    print(f"check-wheel: installed but not pinned in constraints.txt: {n}=={installed[n]}", file=sys.stderr)
+for w in wrong:
+    print(f"check-wheel: installed at another version than constraints.txt pins: {w}", file=sys.stderr)
+if loose or wrong:
+    sys.exit(1)
+print(f"check-wheel: ok: all {len(installed)} installed dependencies are pinned by constraints.txt")
+PY
 say "installed: $("$venv/python" -m pip list --format=freeze 2>/dev/null | grep -v -E '^(pip|setuptools)==' | tr '\n' ' ')"
 
 # 4. The entry point, run from outside the work tree so nothing but the venv can be imported.

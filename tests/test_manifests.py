@@ -1,6 +1,8 @@
-"""deploy/ as an operator installs it: both ``kubectl apply -f deploy/`` and ``kubectl apply -k deploy/`` succeed on
-the real API server, the RBAC rules hold no wildcard, the Deployment is locked down, and birdwatch runs a whole
-rollout under its ServiceAccount's own identity, so the ClusterRole and the leader-election Role are enough.
+"""deploy/ as an operator installs it: the CRD in deploy/crd/ and the controller in deploy/, both with ``kubectl
+apply -f`` and ``kubectl apply -k`` on the real API server; ``kubectl delete -k deploy/`` removes the controller and
+keeps the CRD and every BirdWatch; the RBAC rules hold no wildcard, the Deployment is locked down, a
+PodDisruptionBudget and a NetworkPolicy cover its pods, one object only asks to be scraped, and birdwatch runs a
+whole rollout under its ServiceAccount's own identity, so the ClusterRole and the leader-election Role are enough.
 
 The ServiceAccount's identity comes from a real token (TokenRequest API). A kubeconfig that impersonates it
 (``as:`` / ``as-groups:``) would not do: kubernetes_asyncio's kubeconfig loader ignores those fields, and birdwatch
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import uuid
@@ -26,12 +29,14 @@ from birdwatch.config import DEFAULT_PROMETHEUS, settings_from
 from birdwatch.kube import BIRDWATCHES, LEASES, Kube, KubeError, Resource
 from birdwatch.runner import App
 from envtest.assets import REPO, Assets
-from envtest.controlplane import ControlPlane, KubeHTTP, load_yaml_documents, resource_path
+from envtest.controlplane import BIRDWATCH_CRD, ControlPlane, KubeHTTP, load_yaml_documents, resource_path
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
-from kit import Cluster, birdwatch, eventually, mesh
+from kit import Cluster, apply_all, birdwatch, eventually, mesh
 
 DEPLOY = REPO / "deploy"
+CRD_DIR = DEPLOY / "crd"
+CRD_NAME = "birdwatches.otomato.link"
 SYSTEM_NS = "birdwatch-system"
 SA_NAME = "birdwatch"
 SA_USER = f"system:serviceaccount:{SYSTEM_NS}:{SA_NAME}"
@@ -39,6 +44,7 @@ KUSTOMIZE_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 # What kubectl apply -f DIR reads (not recursively): files with these extensions, in name order.
 KUBECTL_EXTENSIONS = (".yaml", ".yml", ".json")
 SECRETS = Resource("", "v1", "secrets", "Secret")
+PDB_LINE = "poddisruptionbudget.policy/"
 
 Obj = dict[str, Any]
 
@@ -46,18 +52,19 @@ Obj = dict[str, Any]
 # --- the manifests as files ---------------------------------------------------------------------------------------
 
 
-def manifest_files() -> list[Path]:
-    """The files ``kubectl apply -f deploy/`` reads, in the order it reads them (examples/ is a folder: skipped)."""
-    return sorted(p for p in DEPLOY.iterdir() if p.is_file() and p.suffix in KUBECTL_EXTENSIONS)
+def manifest_files(folder: Path = DEPLOY) -> list[Path]:
+    """The files ``kubectl apply -f FOLDER`` reads, in the order it reads them (crd/, examples/ are folders:
+    skipped)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in KUBECTL_EXTENSIONS)
 
 
-def manifests() -> list[Obj]:
-    return [doc for path in manifest_files() for doc in load_yaml_documents(path)]
+def manifests(folder: Path = DEPLOY) -> list[Obj]:
+    return [doc for path in manifest_files(folder) for doc in load_yaml_documents(path)]
 
 
-def kustomization() -> Path:
-    found = [DEPLOY / name for name in KUSTOMIZE_NAMES if (DEPLOY / name).exists()]
-    assert len(found) == 1, f"deploy/ needs exactly one kustomization file, has {[p.name for p in found]}"
+def kustomization(folder: Path = DEPLOY) -> Path:
+    found = [folder / name for name in KUSTOMIZE_NAMES if (folder / name).exists()]
+    assert len(found) == 1, f"{folder} needs exactly one kustomization file, has {[p.name for p in found]}"
     return found[0]
 
 
@@ -65,6 +72,19 @@ def one(kind: str, name: str) -> Obj:
     found = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} {name} in deploy/, found {len(found)}"
     return found[0]
+
+
+# Kinds of deploy/ the harness's resource_path does not know (all namespaced).
+_MORE_PLURALS = {"PodDisruptionBudget": "poddisruptionbudgets", "NetworkPolicy": "networkpolicies"}
+
+
+def object_path(obj: Obj) -> str:
+    """The API path of one object of the manifests."""
+    meta = obj["metadata"]
+    if obj["kind"] in _MORE_PLURALS:
+        group_version = obj["apiVersion"]
+        return f"/apis/{group_version}/namespaces/{meta['namespace']}/{_MORE_PLURALS[obj['kind']]}/{meta['name']}"
+    return f"{resource_path(obj)}/{meta['name']}"
 
 
 def ident(obj: Obj) -> tuple[str, str, str, str]:
@@ -97,17 +117,34 @@ def run_kubectl(kubectl: Path, plane: ControlPlane, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def installed(kubectl: Path, control_plane: ControlPlane) -> str:
-    """``kubectl apply -f deploy/`` once for the module (the CRD is there already: the harness installed it)."""
+    """The README's install, once for the module: ``kubectl apply -f deploy/crd/`` (the harness installed the same
+    CRD already: unchanged, or configured when the harness's copy differs), then ``kubectl apply -f deploy/``."""
+    run_kubectl(kubectl, control_plane, "apply", "-f", "deploy/crd/")
     return run_kubectl(kubectl, control_plane, "apply", "-f", "deploy/")
+
+
+def test_the_crd_has_a_kustomization_of_its_own_and_the_controllers_leaves_it_out(
+    installed: str, kubectl: Path, control_plane: ControlPlane
+) -> None:
+    (crd,) = manifests(CRD_DIR)
+    assert (crd["kind"], crd["metadata"]["name"]) == ("CustomResourceDefinition", CRD_NAME)
+    assert crd["metadata"]["labels"]["app.kubernetes.io/component"] == "crd"  # what -l ...!=crd leaves out
+    assert not any(d["kind"] == "CustomResourceDefinition" for d in manifests()), "the CRD must not be in deploy/"
+    assert "crd" not in str(yaml.safe_load(kustomization().read_text())["resources"])
+    built = [d for d in yaml.safe_load_all(run_kubectl(kubectl, control_plane, "kustomize", "deploy/crd/")) if d]
+    assert [ident(d) for d in built] == [ident(crd)]
+    assert run_kubectl(kubectl, control_plane, "apply", "-k", "deploy/crd/").strip().endswith(" unchanged")
+    # The harness loads the same file.
+    assert BIRDWATCH_CRD == CRD_DIR / "crd.yaml"
+    assert not any(d.get("kind") == "Kustomization" for d in manifests(CRD_DIR)), "use the file name Kustomization"
 
 
 def test_apply_f_and_apply_k_both_succeed_and_create_the_same_objects(
     installed: str, kubectl: Path, control_plane: ControlPlane, admin_http: KubeHTTP
 ) -> None:
     docs = manifests()
-    assert {d["kind"] for d in docs} >= {
+    assert {d["kind"] for d in docs} == {
         "Namespace",
-        "CustomResourceDefinition",
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
@@ -115,11 +152,13 @@ def test_apply_f_and_apply_k_both_succeed_and_create_the_same_objects(
         "RoleBinding",
         "Deployment",
         "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
     }
     # Every object of every file was applied (kubectl prints one line per object) and is on the server now.
     assert len(installed.strip().splitlines()) == len(docs), installed
     for doc in docs:
-        path = resource_path(doc) + "/" + doc["metadata"]["name"]
+        path = object_path(doc)
         status, body = admin_http.request("GET", path)
         assert status == 200, f"{doc['kind']} {doc['metadata']['name']}: {status} {body}"
 
@@ -131,9 +170,14 @@ def test_apply_f_and_apply_k_both_succeed_and_create_the_same_objects(
     # -k after -f changes nothing (the same objects), and -f is repeatable.
     applied_k = run_kubectl(kubectl, control_plane, "apply", "-k", "deploy/").strip().splitlines()
     assert len(applied_k) == len(docs)
-    assert all(line.endswith(" unchanged") for line in applied_k), applied_k
+    assert all(line.endswith(" unchanged") for line in applied_k if not line.startswith(PDB_LINE)), applied_k
     again = run_kubectl(kubectl, control_plane, "apply", "-f", "deploy/").strip().splitlines()
-    assert all(line.endswith(" unchanged") for line in again), again
+    assert all(line.endswith(" unchanged") for line in again if not line.startswith(PDB_LINE)), again
+    # kubectl says "configured" for a PodDisruptionBudget on every apply: its selector's patch strategy is
+    # "replace", so the client-side patch always carries it. The API server changes nothing: same generation.
+    status, pdb = admin_http.request("GET", object_path(one("PodDisruptionBudget", "birdwatch")))
+    assert status == 200
+    assert pdb["metadata"]["generation"] == 1, pdb["metadata"]
 
 
 def test_apply_f_creates_the_namespace_before_what_lives_in_it() -> None:
@@ -145,6 +189,50 @@ def test_apply_f_creates_the_namespace_before_what_lives_in_it() -> None:
     assert not inside, f"applied before the Namespace by kubectl apply -f deploy/: {inside}"
     # A kustomization.yaml would be read by -f as an object of kind Kustomization, and fail.
     assert not any(d.get("kind") == "Kustomization" for _, d in order), "use the file name Kustomization"
+
+
+def test_delete_k_deploy_removes_the_controller_and_keeps_the_crd_and_every_birdwatch(
+    installed: str, kubectl: Path, control_plane: ControlPlane, admin_http: KubeHTTP, namespace: str, tmp_path: Path
+) -> None:
+    # What `kubectl delete -k deploy/` would delete, asked of the API server itself (a server-side dry run, so the
+    # session's birdwatch-system stays for the other tests): the controller's objects, and not the CRD.
+    would = run_kubectl(kubectl, control_plane, "delete", "-k", "deploy/", "--dry-run=server", "-o", "name").split()
+    assert len(would) == len(manifests()), would
+    assert not [n for n in would if n.startswith("customresourcedefinition")], would
+
+    # For real, on deploy/ under other names: an overlay with its own namespace and a name prefix.
+    tag = uuid.uuid4().hex[:6]
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "namespace": f"bw-uninstall-{tag}",
+                "namePrefix": f"uninstall-{tag}-",
+                "resources": [os.path.relpath(DEPLOY, overlay)],
+            }
+        )
+    )
+    rendered = [d for d in yaml.safe_load_all(run_kubectl(kubectl, control_plane, "kustomize", str(overlay))) if d]
+    assert len(rendered) == len(manifests())
+    run_kubectl(kubectl, control_plane, "apply", "-k", str(overlay))
+    apply_all(admin_http, namespace, [birdwatch("keep-me", metric="vector(0)")])
+    record = f"/apis/otomato.link/v1alpha1/namespaces/{namespace}/birdwatches/keep-me"
+    assert admin_http.request("GET", record)[0] == 200
+
+    deleted = run_kubectl(kubectl, control_plane, "delete", "-k", str(overlay), "--wait=false").strip().splitlines()
+    assert len(deleted) == len(rendered), deleted
+    for doc in rendered:
+        status, body = admin_http.request("GET", object_path(doc))
+        # A Namespace goes through Terminating (its finalizer waits for what is inside it); the rest is gone.
+        gone = status == 404 or (doc["kind"] == "Namespace" and body["status"]["phase"] == "Terminating")
+        assert gone, f"{doc['kind']} {doc['metadata']['name']} still there: {status}"
+    status, crd = admin_http.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
+    assert status == 200
+    assert "deletionTimestamp" not in crd["metadata"]
+    status, kept = admin_http.request("GET", record)
+    assert status == 200, kept
+    assert kept["spec"]["metric"] == "vector(0)"
 
 
 # --- RBAC -----------------------------------------------------------------------------------------------------------
@@ -221,6 +309,15 @@ def test_deployment_is_locked_down_and_runs_with_leader_election() -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == "8080"
     assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+    # Asked to be scraped once: a Prometheus honouring the annotation on both Pods and Services (Istio's addon
+    # does) would scrape every replica twice.
+    scraped = [
+        f"{d['kind']} {d['metadata']['name']}"
+        for d in manifests()
+        for meta in (d["metadata"], ((d.get("spec") or {}).get("template") or {}).get("metadata") or {})
+        if any(k.startswith("prometheus.io/") for k in (meta.get("annotations") or {}))
+    ]
+    assert scraped == ["Deployment birdwatch"], scraped
     assert set(spec["selector"]["matchLabels"].items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items())
 
     (container,) = pod["containers"]
@@ -269,6 +366,35 @@ def test_deployment_is_locked_down_and_runs_with_leader_election() -> None:
     assert settings.slack_token == "xoxb-from-secret"
     # SIGTERM's grace fits inside the pod's: canaries get their safe point before the kubelet's SIGKILL.
     assert settings.shutdown_grace < pod["terminationGracePeriodSeconds"]
+
+
+def test_a_disruption_budget_keeps_one_replica_through_a_drain() -> None:
+    pdb, dep = one("PodDisruptionBudget", "birdwatch"), one("Deployment", "birdwatch")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == SYSTEM_NS
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    # Of 2 replicas one may go; at 1 replica the drain is not blocked (minAvailable: 1 would block it).
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    assert dep["spec"]["replicas"] - pdb["spec"]["maxUnavailable"] >= 1
+
+
+def test_the_network_policy_admits_only_the_scraper_to_the_metrics_port() -> None:
+    policy, dep = one("NetworkPolicy", "birdwatch"), one("Deployment", "birdwatch")
+    assert policy["metadata"]["namespace"] == SYSTEM_NS
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]  # egress (API server, Prometheus, Slack) stays open
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    # Istio's Prometheus addon: namespace istio-system, pods labelled app.kubernetes.io/name=prometheus. Both in
+    # one peer: pods with that label in that namespace, not every pod of the namespace or every such pod anywhere.
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}}
+    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    (port,) = rule["ports"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert port == {"port": container["ports"][0]["name"], "protocol": "TCP"}
+    assert container["ports"][0]["containerPort"] == 8080
 
 
 def test_metrics_service_reaches_the_pods_named_port() -> None:

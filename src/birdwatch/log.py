@@ -7,7 +7,7 @@ never meets a line that is not JSON. A fatal error at start (``fatal_line``) is 
 
 Key convention for every module: ``event`` is the fixed sentence of the line; ``detail`` holds any other human text
 (an error's message); ``reason`` only a machine reason in CamelCase, like a Kubernetes Event's (``BadQuery``);
-``birdwatch`` names the BirdWatch as ``namespace/name``.
+``namespace`` and ``birdwatch`` (its name) say which BirdWatch a line is about, as the metrics' labels do.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from .pki import CertificateAuthority, Pair, service_account_keys
 from .tokenauth import TokenServer
 
 ISTIO_CRDS = ("virtualservices.networking.istio.io", "destinationrules.networking.istio.io")
-BIRDWATCH_CRD = REPO / "deploy" / "crd.yaml"
+BIRDWATCH_CRD = REPO / "deploy" / "crd" / "crd.yaml"
 
 
 def free_port() -> int:

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import structlog
 
-from birdwatch.notify import Moment, Notice, NullNotifier, SlackNotifier, make_notifier
+from birdwatch.notifiers.hub import make_notifier
+from birdwatch.notifiers.slack import SlackNotifier
+from birdwatch.notify import Moment, Notice, NullNotifier
 from slackfake import FakeSlack
 
 TOKEN = "xoxb-1111111111-2222222222-birdwatchTESTtoken0123456789"

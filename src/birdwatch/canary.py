@@ -24,7 +24,7 @@ from .decision import Decision, DestinationRuleChange, Failure, Need, Observed, 
 from .events import EventRecorder, ObjectRef
 from .kube import Conflict, Kube, KubeError, NotFound, Obj
 from .metrics import Metrics
-from .notify import Notice, Notifier
+from .notify import Notice, Notifier, next_step
 from .prometheus import BadQuery, QueryError
 from .router import Record, Router, Traffic
 from .spec import TERMINAL, BirdWatchSpec, InvalidSpec, Phase
@@ -308,8 +308,13 @@ class Canary:
                     canary_version=spec.canary_version if spec else "",
                     weight=weight,
                     message=message,
-                    value=say.value,
+                    # A step says no value of its own: the check that allowed it is in the status just written.
+                    value=say.value if say.value is not None else self.status.last_value,
                     baseline=self.status.baseline,
+                    uid=self.uid,
+                    generation=self.generation,
+                    next_step=next_step(moment, spec, weight=weight, failed_checks=self.status.failed_checks),
+                    targets=spec.notify if spec else None,
                 )
             )
 

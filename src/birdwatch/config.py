@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .notifiers.settings import NotifierSettings, load_file, slack_from_env
 from .prometheus import PrometheusConfig
 
 __all__ = ["ConfigError", "LeaderSettings", "Settings", "add_run_arguments", "settings_from"]
@@ -43,6 +44,7 @@ class Settings:
     leader: LeaderSettings
     shutdown_grace: float
     watch_read_timeout: float
+    notifiers: tuple[NotifierSettings, ...] = ()  # from --notifiers-file, and `slack` from today's SLACK_* settings
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:
@@ -102,7 +104,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
         metavar="S",
         help="bound on each query, seconds [$PROMETHEUS_TIMEOUT] (default 10)",
     )
-    s = parser.add_argument_group("Slack (token from $SLACK_API_TOKEN; no token, no Slack)")
+    n = parser.add_argument_group("Notifications")
+    n.add_argument(
+        "--notifiers-file",
+        default=e("BIRDWATCH_NOTIFIERS_FILE"),
+        metavar="PATH",
+        help="YAML file of notifiers (slack, teams, discord, googlechat, mattermost, rocketchat, webhook, email): "
+        "where each posts, credentials read from files, the moments and namespaces it wants "
+        "[$BIRDWATCH_NOTIFIERS_FILE]",
+    )
+    s = parser.add_argument_group("Slack (token from $SLACK_API_TOKEN; no token, no Slack; the notifier named slack)")
     s.add_argument(
         "--slack-channel",
         default=e("SLACK_CHANNEL", "deployment"),
@@ -228,6 +239,14 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    notifiers = load_file(args.notifiers_file) if args.notifiers_file else ()
+    legacy = slack_from_env(token=_env(env, "SLACK_API_TOKEN"), channel=args.slack_channel, api_url=args.slack_api_url)
+    if legacy is not None:
+        if any(n.name == legacy.name for n in notifiers):
+            raise ConfigError(
+                "$SLACK_API_TOKEN is set and the notifiers file names a notifier slack too: keep one of them"
+            )
+        notifiers = (legacy, *notifiers)
     return Settings(
         kubeconfig=args.kubeconfig,
         context=args.context,
@@ -250,6 +269,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         ),
         shutdown_grace=args.shutdown_grace,
         watch_read_timeout=args.watch_read_timeout,
+        notifiers=notifiers,
     )
 
 

@@ -422,7 +422,7 @@ def _progress(ctx: _Ctx, record: Record, baseline: float) -> Decision:
     held = status.but(last_value=value, failed_checks=failed, reason="CheckFailed", message=message)
     return Decision(
         status=held,
-        say=(Say(type="Warning", reason="CheckFailed", message=message, value=value),),
+        say=(Say(type="Warning", reason="CheckFailed", message=message, value=value, moment=Moment.CHECK_FAILED),),
         wake=o.now + spec.interval,
     )
 
@@ -454,7 +454,10 @@ def _step(ctx: _Ctx, record: Record, *, baseline: float, last_value: float | Non
         status=status,
         say=(
             Say(
-                type="Normal", reason="TrafficShifted", message=f"canary weight {weight}% (production {100 - weight}%)"
+                type="Normal",
+                reason="TrafficShifted",
+                message=f"canary weight {weight}% (production {100 - weight}%)",
+                moment=Moment.STEP,
             ),
         ),
         wake=o.now + spec.interval,

@@ -54,6 +54,16 @@ class Metrics:
         self.events_dropped = Counter(
             "birdwatch_events_dropped", "Kubernetes Events dropped: queue full or refused", registry=self.registry
         )
+        self.notifications = Counter(
+            "birdwatch_notifications",
+            "Notifications by notifier and result: sent, retried (each retry), failed (given up), dropped (queue "
+            "full), unsent (still queued at shutdown)",
+            ("notifier", "result"),
+            registry=self.registry,
+        )
+
+    def notification(self, notifier: str, result: str) -> None:
+        self.notifications.labels(notifier, result).inc()
 
     def phase(self, namespace: str, name: str, phase: Phase) -> None:
         for p in Phase:

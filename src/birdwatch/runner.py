@@ -19,7 +19,8 @@ from .controller import Watcher, WatchSettings
 from .events import EventRecorder
 from .kube import Kube
 from .metrics import Metrics
-from .notify import Moment, Notice, Notifier, make_notifier
+from .notifiers.hub import build as build_notifiers
+from .notify import Moment, Notice, Notifier
 from .prometheus import PrometheusClient
 from .registry import CanaryFactory, Registry
 from .server import HealthServer
@@ -78,9 +79,7 @@ class App:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self.kube = kube = await Kube.connect(kubeconfig=settings.kubeconfig, context=settings.context)
         prometheus = PrometheusClient(settings.prometheus, on_error=lambda _: self.metrics.prometheus_errors.inc())
-        notifier = make_notifier(
-            token=settings.slack_token, channel=settings.slack_channel, base_url=settings.slack_api_url
-        )
+        notifier = build_notifiers(settings.notifiers, kube=kube, on_result=self.metrics.notification)
         events = EventRecorder(kube, on_drop=self.metrics.events_dropped.inc)
         factory = self._canary_factory(kube, prometheus, events, notifier)
         ports_ready = False

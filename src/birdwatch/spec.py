@@ -67,6 +67,7 @@ class BirdWatchSpec:
     deviation_direction: Direction = Direction.INCREASE
     no_data: NoData = NoData.ZERO
     ready_timeout: int = 600
+    notify: tuple[str, ...] | None = None  # notifiers by name; None: every notifier whose filters match
 
     @classmethod
     def from_dict(cls, raw: Any) -> BirdWatchSpec:
@@ -90,6 +91,7 @@ class BirdWatchSpec:
             deviation_direction=_choice(raw, "deviation_direction", Direction, Direction.INCREASE),
             no_data=_choice(raw, "no_data", NoData, NoData.ZERO),
             ready_timeout=_integer(raw, "ready_timeout", 600, low=1, high=86400),
+            notify=_names(raw, "notify"),
         )
 
 
@@ -98,6 +100,15 @@ def _text(raw: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidSpec(f"spec.{name} must be a non-empty string")
     return value
+
+
+def _names(raw: dict[str, Any], name: str) -> tuple[str, ...] | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidSpec(f"spec.{name} must be a list of notifier names, not {value!r}")
+    return tuple(dict.fromkeys(value))
 
 
 def _number(raw: dict[str, Any], name: str, *, low: float) -> float:

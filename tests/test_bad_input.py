@@ -41,9 +41,9 @@ from kit import (
     deployment,
     destination_rule,
     eventually,
-    make_available,
     mesh,
     virtual_service,
+    wait_available,
 )
 from slackfake import FakeSlack
 
@@ -165,6 +165,8 @@ REFUSED = [
     Refused("no_data", "other", 'supported values: "zero", "fail", "skip"'),
     Refused("ready_timeout", 0, "should be greater than or equal to 1"),
     Refused("ready_timeout", 86401, "should be less than or equal to 86400"),
+    Refused("paused", "yes", 'must be of type boolean: "string"'),
+    Refused("paused", 1, 'must be of type boolean: "integer"'),
 ]
 
 
@@ -208,8 +210,7 @@ def service(admin: KubeHTTP, namespace: str, name: str, production: str, canary:
         virtual_service(name, {"production": 100, "canary": 0}),
     ]
     apply_all(admin, namespace, objs)
-    for v in (production, canary):
-        make_available(admin, namespace, f"{name}-{v}")
+    wait_available(admin, namespace, *(f"{name}-{v}" for v in (production, canary)))
 
 
 def delete(admin: KubeHTTP, namespace: str, plural: str, name: str) -> None:

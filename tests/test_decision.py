@@ -19,11 +19,12 @@ from birdwatch.decision import (
     Need,
     Observed,
     Reading,
+    Request,
     decide,
 )
 from birdwatch.router import Record, Subsets, Traffic
 from birdwatch.spec import BirdWatchSpec, NoData, Phase, Unhealthy
-from birdwatch.status import Status, now_rfc3339, parse_time
+from birdwatch.status import Acknowledgement, Status, now_rfc3339, parse_time
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 DIGEST = "d1"
@@ -97,7 +98,7 @@ class Expect:
     record: dict[str, Any] | None = None  # fields the written record must have
     phase: Phase | None = None  # the status write's phase; None: no status write
     fields: dict[str, Any] | None = None  # status fields that must have these values
-    message: str = ""  # in the status message
+    message: str = ""  # in the status message (or the request's acknowledgement)
     say: tuple[str, ...] | None = None  # Event reasons, in order; None: not checked
     wake: float | None = None  # seconds after the observation's time; None: not checked
     ended: Phase | None = None
@@ -622,6 +623,215 @@ CASES: list[tuple[str, Observed, Expect]] = [
             say=("TrafficReset",),
         ),
     ),
+    # --- people in the loop: spec.paused and requests ---------------------------------------------------------
+    (
+        "paused: the weight holds, no check, nothing to look at until the BirdWatch changes",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, spec_changes={"paused": True}, **DUE),
+        Expect(
+            phase=Phase.PAUSED,
+            fields={"canary_weight": 20, "reason": "Paused"},
+            message="paused at 20%",
+            say=("Paused",),
+            wake=3600.0,
+        ),
+    ),
+    (
+        "still paused, said already: no write",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            spec_changes={"paused": True},
+            status=replace(
+                PROGRESSING,
+                phase=Phase.PAUSED,
+                reason="Paused",
+                message="paused at 20% (spec.paused): no steps or checks until it is set to false",
+            ),
+        ),
+        Expect(say=(), wake=3600.0),
+    ),
+    (
+        "pausing is a new generation but not a new rollout: adopted quietly",
+        obs(
+            generation=2,
+            spec_digest="s1",
+            traffic=traffic(20, record=replace(STEPPED, spec="s1")),
+            status=PROGRESSING,
+            spec_changes={"paused": True},
+        ),
+        Expect(weight=20, record={"generation": 2, "baseline": 0.0, "step_time": at(-4)}, phase=Phase.PAUSED, say=()),
+    ),
+    (
+        "resumed from a pause: on with the same baseline, the check due at once",
+        obs(
+            generation=3,
+            spec_digest="s1",
+            traffic=traffic(20, record=replace(STEPPED, spec="s1", generation=2)),
+            status=replace(PROGRESSING, phase=Phase.PAUSED, observed_generation=2),
+        ),
+        Expect(weight=20, record={"generation": 3, "baseline": 0.0}, phase=Phase.PROGRESSING, say=()),
+    ),
+    (
+        "promote requested mid-rollout: the same promotion as a healthy end, the request on its record",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, request=Request.parse("promote/1")),
+        Expect(
+            dr=DestinationRuleChange.PROMOTE,
+            weight=0,
+            record={"done": True, "phase": "Promoted", "request": "promote/1"},
+            phase=Phase.PROMOTED,
+            fields={
+                "request": Acknowledgement(id="promote/1", action="promote", result="Done", message="promoted at 20%")
+            },
+            say=("PromoteRequested", "Promoted"),
+            ended=Phase.PROMOTED,
+        ),
+    ),
+    (
+        "promote a promoted canary: refused, nothing else changes",
+        obs(
+            traffic=traffic(0, record=rec(0, done=True, phase="Promoted")),
+            status=status(Phase.PROMOTED),
+            request=Request.parse("promote"),
+        ),
+        Expect(
+            phase=Phase.PROMOTED,
+            fields={"canary_weight": 0},
+            message="cannot promote a rollout that is Promoted",
+            say=("RequestRefused",),
+            ended=Phase.PROMOTED,
+        ),
+    ),
+    (
+        "abort requested: all traffic back to production now",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, request=Request.parse("abort")),
+        Expect(
+            weight=0,
+            record={"done": True, "phase": "RolledBack", "request": "abort"},
+            phase=Phase.ROLLED_BACK,
+            fields={"reason": "Aborted"},
+            say=("AbortRequested", "Aborted"),
+            ended=Phase.ROLLED_BACK,
+        ),
+    ),
+    (
+        "abort while frozen: rolled back",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=replace(PROGRESSING, phase=Phase.FROZEN),
+            request=Request.parse("abort/7"),
+        ),
+        Expect(weight=0, phase=Phase.ROLLED_BACK, ended=Phase.ROLLED_BACK),
+    ),
+    (
+        "abort while the VirtualService is missing: refused with what is missing",
+        obs(
+            traffic=Traffic(problem="VirtualService aleph not found in namespace shop", transient=True),
+            request=Request.parse("abort"),
+        ),
+        Expect(phase=Phase.PENDING, message="VirtualService aleph not found", say=("RequestRefused",)),
+    ),
+    (
+        "retry after a rollback: from 0 % with a fresh baseline",
+        obs(
+            traffic=traffic(0, record=rec(0, baseline=0.0, done=True, phase="RolledBack")),
+            status=status(Phase.ROLLED_BACK, baseline=0.0, failed_checks=1),
+            request=Request.parse("retry"),
+        ),
+        Expect(
+            weight=0,
+            record={"done": False, "baseline": None, "request": "retry"},
+            phase=Phase.PENDING,
+            fields={"reason": "Retried", "baseline": None, "failed_checks": 0},
+            say=("RetryRequested",),
+            wake=0.0,
+        ),
+    ),
+    (
+        "retry after frozen at 30 %: back to 0 first",
+        obs(
+            traffic=traffic(30, record=rec(30, baseline=0.0, step_time=at(-4))),
+            status=status(Phase.FROZEN),
+            request=Request.parse("retry"),
+        ),
+        Expect(weight=0, record={"baseline": None}, phase=Phase.PENDING),
+    ),
+    (
+        "retry of a rollout that goes on: refused, the rollout goes on",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, request=Request.parse("retry")),
+        Expect(
+            phase=Phase.PROGRESSING,
+            message="cannot retry a rollout that is Progressing",
+            say=("RequestRefused",),
+            ended=None,
+            wake=0.0,
+        ),
+    ),
+    (
+        "resume from frozen: the same baseline, the next check an interval from now",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=replace(PROGRESSING, phase=Phase.FROZEN, failed_checks=1),
+            request=Request.parse("resume"),
+        ),
+        Expect(
+            weight=20,
+            record={"baseline": 0.0, "step_time": at(0), "request": "resume", "done": False},
+            phase=Phase.PROGRESSING,
+            fields={"failed_checks": 0, "reason": "Resumed"},
+            say=("ResumeRequested",),
+        ),
+    ),
+    (
+        "resume after someone else moved the weights: from where they are",
+        obs(
+            traffic=traffic(0, record=STEPPED),
+            status=replace(PROGRESSING, phase=Phase.FROZEN),
+            request=Request.parse("resume"),
+        ),
+        Expect(weight=0, record={"weight": 0}, phase=Phase.PROGRESSING),
+    ),
+    (
+        "resume while spec.paused: refused (set paused to false)",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=replace(PROGRESSING, phase=Phase.PAUSED),
+            spec_changes={"paused": True},
+            request=Request.parse("resume"),
+        ),
+        Expect(phase=Phase.PAUSED, message="spec.paused", say=("RequestRefused",)),
+    ),
+    (
+        "an unknown action: refused, naming the known ones",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, request=Request.parse("promte")),
+        Expect(phase=Phase.PROGRESSING, message="use promote, abort, retry, resume", say=("RequestRefused",)),
+    ),
+    (
+        "carried out before a restart but not acknowledged: acknowledged only",
+        obs(
+            traffic=traffic(0, record=rec(0, baseline=0.0, done=True, phase="RolledBack", request="abort")),
+            status=PROGRESSING,
+            request=Request.parse("abort"),
+        ),
+        Expect(
+            phase=Phase.PROGRESSING,
+            fields={
+                "request": Acknowledgement(id="abort", action="abort", result="Done", message="'abort' was carried out")
+            },
+        ),
+    ),
+    (
+        "a new generation keeps the acknowledgement of the last request",
+        obs(
+            generation=2,
+            traffic=traffic(0, record=rec(0, done=True, phase="Promoted")),
+            status=status(Phase.PROMOTED, request=Acknowledgement(id="promote", action="promote", result="Done")),
+        ),
+        Expect(
+            weight=0,
+            record={"generation": 2},
+            phase=Phase.PENDING,
+            fields={"request": Acknowledgement(id="promote", action="promote", result="Done")},
+        ),
+    ),
     # --- API failures -------------------------------------------------------------------------------------------
     *[
         (
@@ -706,7 +916,8 @@ def check(decision: Decision, expect: Expect, observed: Observed) -> None:
     else:
         assert decision.status is not None, "expected a status write"
         assert decision.status.phase is expect.phase
-        assert expect.message in decision.status.message
+        acknowledged = decision.status.request.message if decision.status.request else ""
+        assert expect.message in decision.status.message + "\n" + acknowledged
         for key, value in (expect.fields or {}).items():
             assert getattr(decision.status, key) == value, key
     if expect.say is not None:

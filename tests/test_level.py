@@ -123,6 +123,22 @@ async def test_the_readmes_example_folder_applied_with_kubectl_goes_on(
             assert "RolloutStarted" in await view.reasons()
 
 
+async def test_bad_promql_fails_at_once_while_the_canary_is_not_ready(
+    cluster: Cluster, admin_http: KubeHTTP, plane: ControlPlane, prometheus: PrometheusServer
+) -> None:
+    """The query is checked as soon as the spec is seen, not after ready_timeout's wait for the canary."""
+    ns = cluster.namespace
+    mesh(admin_http, ns, ready=False)
+    vs_before = await cluster.vs()
+    async with run(plane, prometheus, [ns]):
+        await cluster.create_bw(birdwatch("aleph", metric="sum(rate(http_requests_total[5m]"))
+        status = await cluster.wait_phase("Failed", timeout=15)
+    assert status["reason"] == "BadQuery"
+    assert "parse error" in status["message"]
+    vs = await cluster.vs()
+    assert vs["metadata"]["resourceVersion"] == vs_before["metadata"]["resourceVersion"]  # nothing was written
+
+
 # --- API errors reach the user ---------------------------------------------------------------------------------
 
 

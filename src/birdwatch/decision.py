@@ -33,7 +33,7 @@ from .judge import Verdict, at_top, judge, next_weight, read_value
 from .notify import Moment
 from .router import Record, Subsets, Traffic
 from .spec import TERMINAL, BirdWatchSpec, NoData, Phase, Unhealthy
-from .status import Status, parse_time
+from .status import Acknowledgement, Status, parse_time
 
 # How often to look again while waiting for something to appear or become ready: soon at first, so that an
 # ``apply -f`` of a folder goes on within seconds, then less often for what takes long.
@@ -48,6 +48,31 @@ class Need(enum.Enum):
 
     READINESS = "readiness"
     METRIC = "metric"
+
+
+class Action(enum.Enum):
+    """What a person may ask of a rollout with the annotation ``birdwatch.otomato.link/request``."""
+
+    PROMOTE = "promote"  # finish now: the same promotion as a healthy end
+    ABORT = "abort"  # roll back now, whatever if_unhealthy says
+    RETRY = "retry"  # start the same spec over (a fresh baseline) after RolledBack, Frozen or Failed
+    RESUME = "resume"  # go on from Frozen with the same baseline, from the weight the canary has
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """A request not acknowledged yet: ``id`` is the annotation's whole value (``promote`` or ``promote/2``)."""
+
+    id: str
+    action: Action | None  # None: not an action birdwatch knows
+
+    @classmethod
+    def parse(cls, value: str) -> Request:
+        word = value.strip().split("/", 1)[0].strip().lower()
+        try:
+            return cls(id=value, action=Action(word))
+        except ValueError:
+            return cls(id=value, action=None)
 
 
 class DestinationRuleChange(enum.Enum):
@@ -88,6 +113,8 @@ class Observed:
     status: Status  # the BirdWatch's status as last read or written
     traffic: Traffic
     metric_digest: str = ""  # of the spec's metric: a changed query means a new baseline
+    spec_digest: str = ""  # of the whole spec but ``paused``: a pause or resume alone is not a new spec
+    request: Request | None = None  # a person's request, not acknowledged yet
     other_owner: str | None = None  # another BirdWatch whose rollout holds the VirtualService
     query_checked: bool = False  # Prometheus accepted the query once in this task
     readiness: tuple[bool, str] | None = None  # (available, why), when asked for
@@ -150,10 +177,14 @@ def decide(o: Observed) -> Decision:
     if o.stopping:
         return Decision(stop=True)
     current = o.status.observed_generation == o.generation
-    status = o.status if current else Status(phase=Phase.PENDING, observed_generation=o.generation)
+    # A new generation starts with a fresh status, but keeps the last request's acknowledgement: a request
+    # already acted on must never be acted on again under a later spec.
+    status = (
+        o.status if current else Status(phase=Phase.PENDING, observed_generation=o.generation, request=o.status.request)
+    )
     if o.spec is None:
         return _end(status, Phase.FAILED, "InvalidSpec", o.spec_error, weight=o.traffic.weight)
-    if current and o.status.phase in TERMINAL:
+    if current and o.status.phase in TERMINAL and o.request is None:
         return Decision(ended=o.status.phase)  # this generation already ended; nothing left to do
     since = parse_time(status.waiting_since) or o.now
     record = o.traffic.record if o.traffic.record is not None and o.traffic.record.uid == o.uid else None
@@ -162,6 +193,8 @@ def decide(o: Observed) -> Decision:
         return _report_failure(ctx, o.failure)
     traffic = o.traffic
     if traffic.problem is not None:
+        if o.request is not None:
+            return _requested_without_traffic(ctx, o.request, traffic.problem)
         if not traffic.transient:
             return _end(status, Phase.FAILED, "RouteInvalid", traffic.problem, weight=traffic.weight)
         return _wait(ctx, "RouteMissing", _waiting_for(traffic.problem), timed_out=_fail_timeout)
@@ -170,6 +203,8 @@ def decide(o: Observed) -> Decision:
         return _end(status, Phase.FAILED, "AlreadyManaged", message, weight=traffic.weight)
     if record is not None and record.generation != o.generation and not record.done:
         return _spec_changed(ctx, record)
+    if o.request is not None:
+        return _requested(ctx, o.request, record)
     if record is not None and record.generation == o.generation and record.done and record.phase in _ENDINGS:
         return _ended_before(ctx, record)
     if record is None or record.generation != o.generation or record.done:
@@ -185,6 +220,8 @@ def decide(o: Observed) -> Decision:
     if traffic.weight != record.weight:
         return _overridden(ctx, record)
     baseline = record.baseline if record.baseline is not None else _kept_baseline(ctx, record)
+    if o.spec.paused:
+        return _paused(ctx, record, baseline)
     if baseline is None:
         return _before_baseline(ctx, record)
     return _progress(ctx, record, baseline)
@@ -226,6 +263,16 @@ def _spec_changed(ctx: _Ctx, record: Record) -> Decision:
     with the same baseline unless the query changed."""
     o, spec, traffic = ctx.o, ctx.spec, ctx.o.traffic
     assert traffic.subsets is not None
+    if record.spec is not None and record.spec == o.spec_digest:
+        # Only ``paused`` changed: the same rollout under a new generation, nothing else to say.
+        adopted = replace(record, generation=o.generation)
+        phase = Phase.PAUSED if spec.paused else (Phase.PROGRESSING if record.baseline is not None else Phase.PENDING)
+        return Decision(
+            traffic=TrafficWrite(weight=record.weight, record=adopted, subsets=traffic.subsets),
+            status=ctx.status.but(phase=phase, canary_weight=record.weight, baseline=record.baseline),
+            notes=("paused" if spec.paused else "resumed",),
+            wake=o.now,
+        )
     if record.canary != spec.canary_version:
         message = (
             f"canary_version changed from {record.canary} to {spec.canary_version}: "
@@ -582,6 +629,154 @@ _MOMENTS = {
 }
 
 
+# --- people in the loop -----------------------------------------------------------------------------------------
+
+# Where each action makes sense; elsewhere it is refused, and nothing else changes.
+_ALLOWED = {
+    Action.PROMOTE: {Phase.PROGRESSING, Phase.PAUSED, Phase.FROZEN},
+    Action.ABORT: {Phase.PENDING, Phase.WAITING, Phase.PROGRESSING, Phase.PAUSED, Phase.FROZEN},
+    Action.RETRY: {Phase.ROLLED_BACK, Phase.FROZEN, Phase.FAILED},
+    Action.RESUME: {Phase.FROZEN},
+}
+
+
+def _paused(ctx: _Ctx, record: Record, baseline: float | None) -> Decision:
+    """``spec.paused``: the weight holds, no steps and no checks. Only a change of the BirdWatch ends it (the
+    watch hands the task the new generation), so there is nothing to look at until then."""
+    message = f"paused at {record.weight}% (spec.paused): no steps or checks until it is set to false"
+    status = ctx.status.but(
+        phase=Phase.PAUSED, canary_weight=record.weight, baseline=baseline, reason="Paused", message=message
+    )
+    if status == ctx.status:
+        return Decision(wake=ctx.o.now + 3600.0)
+    return Decision(status=status, say=(Say(type="Normal", reason="Paused", message=message),), wake=ctx.o.now + 3600.0)
+
+
+def _effective_phase(ctx: _Ctx, record: Record | None) -> Phase:
+    """The phase the rollout is in, also when its ending is on the record but not yet in status."""
+    if record is not None and record.generation == ctx.o.generation and record.done and record.phase in _ENDINGS:
+        return _ENDINGS[record.phase][0]
+    return ctx.status.phase
+
+
+def _acknowledge(ctx: _Ctx, request: Request, result: str, message: str) -> Acknowledgement:
+    action = request.action.value if request.action is not None else request.id
+    return Acknowledgement(id=request.id, action=action, result=result, message=message)
+
+
+def _refuse(ctx: _Ctx, request: Request, why: str, *, phase: Phase) -> Decision:
+    message = f"request {request.id!r} refused: {why}"
+    ack = _acknowledge(ctx, request, "Refused", message)
+    return Decision(
+        status=ctx.status.but(request=ack),
+        say=(Say(type="Warning", reason="RequestRefused", message=message),),
+        ended=phase if phase in TERMINAL else None,
+        wake=ctx.o.now,
+    )
+
+
+def _requested(ctx: _Ctx, request: Request, record: Record | None) -> Decision:
+    """A person's request, acted on exactly once: the traffic write that carries it out records its id beside the
+    weights, so a restart between that write and the status's acknowledgement only acknowledges it."""
+    o, spec, traffic = ctx.o, ctx.spec, ctx.o.traffic
+    assert traffic.subsets is not None
+    phase = _effective_phase(ctx, record)
+    if record is not None and record.request == request.id:
+        ack = _acknowledge(ctx, request, "Done", f"{request.id!r} was carried out")
+        return Decision(status=ctx.status.but(request=ack), wake=o.now)
+    if request.action is None:
+        known = ", ".join(a.value for a in Action)
+        return _refuse(ctx, request, f"not an action birdwatch knows (use {known})", phase=phase)
+    action = request.action
+    if spec.paused and action is Action.RESUME:
+        return _refuse(ctx, request, "the rollout is paused by spec.paused: set it to false to resume", phase=phase)
+    if phase not in _ALLOWED[action]:
+        return _refuse(ctx, request, f"cannot {action.value} a rollout that is {phase.value}", phase=phase)
+    if record is None and action in (Action.PROMOTE, Action.RESUME):
+        why = f"the VirtualService carries no record of this rollout: nothing to {action.value}"
+        return _refuse(ctx, request, why, phase=phase)
+    weight = traffic.weight
+    asked = Say(type="Normal", reason=f"{action.value.capitalize()}Requested", message=f"{action.value} requested")
+    if action is Action.PROMOTE:
+        assert record is not None
+        done = _promote(ctx, replace(record, request=request.id), None, f"promoted by request at {weight}%")
+        ack = _acknowledge(ctx, request, "Done", f"promoted at {weight}%")
+        return _with_request(done, request, ack, asked)
+    if action is Action.ABORT:
+        message = f"rolled back by request at {weight}%"
+        ending = _end(ctx.status, Phase.ROLLED_BACK, "Aborted", message, weight=0, moment=Moment.ROLLED_BACK)
+        rec = _record(
+            ctx,
+            weight=0,
+            baseline=record.baseline if record else None,
+            step_time=record.step_time if record else None,
+            done=Phase.ROLLED_BACK,
+        )
+        ack = _acknowledge(ctx, request, "Done", message)
+        return _with_request(
+            ending.but(traffic=TrafficWrite(weight=0, record=rec, subsets=traffic.subsets)), request, ack, asked
+        )
+    if action is Action.RETRY:
+        message = f"retry requested: starting over from 0% with a new baseline (was {phase.value} at {weight}%)"
+        fresh = Status(phase=Phase.PENDING, observed_generation=o.generation, reason="Retried", message=message)
+        ack = _acknowledge(ctx, request, "Done", "started over")
+        return Decision(
+            traffic=TrafficWrite(weight=0, record=_record(ctx, weight=0, request=request.id), subsets=traffic.subsets),
+            status=fresh.but(request=ack),
+            say=(Say(type="Normal", reason="RetryRequested", message=message, moment=Moment.STARTED),),
+            wake=o.now,
+        )
+    # RESUME, from Frozen: the same baseline, from the weight the canary has now, the next check an interval away.
+    assert record is not None
+    stamp = _stamp(o.now, micro=True)
+    resumed = replace(record, generation=o.generation, weight=weight, step_time=stamp, request=request.id, done=False)
+    message = f"resumed at {weight}% by request" + ("" if record.baseline is not None else "; taking the baseline")
+    ack = _acknowledge(ctx, request, "Done", message)
+    status = ctx.status.but(
+        phase=Phase.PROGRESSING if record.baseline is not None else Phase.WAITING,
+        canary_weight=weight,
+        failed_checks=0,
+        skipped_checks=0,
+        reason="Resumed",
+        message=message,
+        last_step_time=stamp,
+        waiting_since=None,
+        request=ack,
+    )
+    return Decision(
+        traffic=TrafficWrite(weight=weight, record=resumed, subsets=traffic.subsets),
+        status=status,
+        say=(Say(type="Normal", reason="ResumeRequested", message=message),),
+        wake=o.now,
+    )
+
+
+def _with_request(decision: Decision, request: Request, ack: Acknowledgement, asked: Say) -> Decision:
+    """The ending a request brought about, with the request's id on its record and its acknowledgement in
+    status."""
+    traffic = decision.traffic
+    if traffic is not None:
+        traffic = replace(traffic, record=replace(traffic.record, request=request.id))
+    status = decision.status.but(request=ack) if decision.status is not None else None
+    return decision.but(traffic=traffic, status=status, say=(asked, *decision.say))
+
+
+def _requested_without_traffic(ctx: _Ctx, request: Request, problem: str) -> Decision:
+    """A request while the VirtualService or DestinationRule cannot carry the canary: only a retry of an ended
+    rollout makes sense (it waits for the objects again, with a fresh ready_timeout)."""
+    phase = ctx.status.phase
+    if request.action is Action.RETRY and phase in _ALLOWED[Action.RETRY]:
+        message = f"retry requested: starting over ({problem})"
+        ack = _acknowledge(ctx, request, "Done", "started over")
+        fresh = Status(phase=Phase.PENDING, observed_generation=ctx.o.generation, reason="Retried", message=message)
+        return Decision(
+            status=fresh.but(request=ack),
+            say=(Say(type="Normal", reason="RetryRequested", message=message),),
+            wake=ctx.o.now,
+        )
+    return _refuse(ctx, request, problem, phase=phase)
+
+
 # --- API failures ----------------------------------------------------------------------------------------------
 
 _FAILURE_REASONS = {0: "Unreachable", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict"}
@@ -624,6 +819,7 @@ def _record(
     baseline: float | None = None,
     step_time: str | None = None,
     done: Phase | None = None,
+    request: str | None = None,
 ) -> Record:
     o = ctx.o
     return Record(
@@ -637,6 +833,8 @@ def _record(
         done=done is not None,
         metric=o.metric_digest,
         phase=done.value if done is not None else None,
+        spec=o.spec_digest or None,
+        request=request if request is not None else (ctx.record.request if ctx.record is not None else None),
     )
 
 
@@ -653,12 +851,14 @@ def _stamp(when: float, *, micro: bool = False) -> str:
 
 
 __all__ = [
+    "Action",
     "Decision",
     "DestinationRuleChange",
     "Failure",
     "Need",
     "Observed",
     "Reading",
+    "Request",
     "Say",
     "TrafficWrite",
     "decide",

@@ -1,8 +1,10 @@
 """The canary tasks: one per BirdWatch being carried out, held by strong references, each on its own.
 
-The watch loop tells the registry what it sees; the registry starts, replaces and stops tasks. One task's crash
-never touches another: it is logged and the task restarted with backoff (it resumes from its record). It also
-keeps the last seen copy of every BirdWatch, which canaries consult to tell whether another BirdWatch still owns a
+The watch loop tells the registry what it sees; the registry starts, replaces and stops tasks. A new generation
+(a spec change) replaces the task; a person's request (the annotation ``birdwatch.otomato.link/request``) is handed
+to the running task, which wakes for it, or starts a task for a rollout that had ended. One task's crash never
+touches another: it is logged and the task restarted with backoff (it resumes from its record). It also keeps the
+last seen copy of every BirdWatch, which canaries consult to tell whether another BirdWatch still owns a
 VirtualService.
 """
 
@@ -18,11 +20,11 @@ import structlog
 
 from .kube import Obj
 from .spec import Phase
+from .updates import Updates, unacknowledged_request
 
 log = structlog.get_logger(__name__)
 
 Key = tuple[str, str]
-CanaryFactory = Callable[[Obj, asyncio.Event], Coroutine[Any, Any, Phase | None]]
 RESTART_BACKOFF = (1.0, 5.0, 15.0, 60.0)
 
 
@@ -30,13 +32,22 @@ def key_of(obj: Obj) -> Key:
     return obj["metadata"]["namespace"], obj["metadata"]["name"]
 
 
+CanaryFactory = Callable[[Obj, asyncio.Event, Updates], Coroutine[Any, Any, Phase | None]]
+
+
 @dataclass(eq=False)
 class Entry:
     uid: str
     generation: int
+    updates: Updates
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[Phase | None] | None = None
     crashes: int = 0
+
+    def halt(self) -> None:
+        """Ask the task to stop; it is woken if it sleeps."""
+        self.stop.set()
+        self.updates.changed.set()
 
 
 class Registry:
@@ -73,23 +84,26 @@ class Registry:
         self._objects[key] = obj
         entry = self._entries.get(key)
         if entry is not None and entry.uid == uid and entry.generation == generation:
-            return  # our own status write coming back, or a label change: nothing to do
-        if self._finished.get(key) == (uid, generation):
+            entry.updates.see(obj)  # a request wakes the task; our own status write coming back does not
+            return
+        requested = bool(unacknowledged_request(obj))
+        if self._finished.get(key) == (uid, generation) and not requested:
             return
         status = obj.get("status") or {}
         if (
             entry is None
+            and not requested
             and status.get("observedGeneration") == generation
             and status.get("phase") in {p.value for p in Phase if p.terminal}
         ):
             self._finished[key] = (uid, generation)
             return
         self._finished.pop(key, None)
-        new = Entry(uid, generation)
+        new = Entry(uid, generation, Updates(obj))
         self._entries[key] = new
         previous = entry.task if entry is not None else None
         if entry is not None:
-            entry.stop.set()
+            entry.halt()
             log.info(
                 "birdwatch changed; replacing its canary task",
                 namespace=key[0],
@@ -132,7 +146,7 @@ class Registry:
                 await self._wait_retired(after)
             if delay:
                 await asyncio.sleep(delay)
-            return await self._factory(obj, entry.stop)
+            return await self._factory(self._objects.get(key, obj), entry.stop, entry.updates)
 
         task = asyncio.create_task(carry_out(), name=f"canary {key[0]}/{key[1]} gen {entry.generation}")
         entry.task = task
@@ -164,7 +178,7 @@ class Registry:
                 self._finished[key] = (entry.uid, entry.generation)
 
     def _retire(self, entry: Entry) -> None:
-        entry.stop.set()
+        entry.halt()
         if entry.task is not None and not entry.task.done():
             waiter = asyncio.create_task(self._wait_retired(entry.task))
             self._stopping.add(waiter)
@@ -185,7 +199,7 @@ class Registry:
         entries = list(self._entries.values())
         self._entries.clear()
         for entry in entries:
-            entry.stop.set()
+            entry.halt()
         tasks = [e.task for e in entries if e.task is not None and not e.task.done()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self._grace)

@@ -49,6 +49,8 @@ class Record:
     done: bool = False  # the rollout ended (promoted, rolled back or failed): the VirtualService is free again
     metric: str | None = None  # digest of the metric query the baseline was taken with
     phase: str | None = None  # with ``done``: how the rollout ended (Promoted, RolledBack)
+    spec: str | None = None  # digest of the spec but ``paused``: a pause or resume is not a new spec
+    request: str | None = None  # the last request (promote, abort, ...) acted on, written with what it did
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -71,6 +73,8 @@ class Record:
                 done=bool(data.get("done", False)),
                 metric=data.get("metric"),
                 phase=data.get("phase"),
+                spec=data.get("spec"),
+                request=data.get("request"),
             )
         except (ValueError, KeyError, TypeError):
             return None  # hand-edited or foreign: treated as absent, and overwritten by the next write

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=enum.Enum)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 GROUP = "otomato.link"
 VERSION = "v1alpha1"
@@ -36,6 +38,7 @@ class Phase(enum.Enum):
     PENDING = "Pending"
     WAITING = "Waiting"
     PROGRESSING = "Progressing"
+    PAUSED = "Paused"
     PROMOTED = "Promoted"
     ROLLED_BACK = "RolledBack"
     FROZEN = "Frozen"
@@ -68,6 +71,8 @@ class BirdWatchSpec:
     no_data: NoData = NoData.ZERO
     ready_timeout: int = 600
     notify: tuple[str, ...] | None = None  # notifiers by name; None: every notifier whose filters match
+    provider: str = "prometheus"  # the metric provider that answers ``metric``, by its name in the providers file
+    paused: bool = False  # hold the weight where it is: no steps, no checks, until set back to false
 
     @classmethod
     def from_dict(cls, raw: Any) -> BirdWatchSpec:
@@ -92,6 +97,8 @@ class BirdWatchSpec:
             no_data=_choice(raw, "no_data", NoData, NoData.ZERO),
             ready_timeout=_integer(raw, "ready_timeout", 600, low=1, high=86400),
             notify=_names(raw, "notify"),
+            provider=_label(raw, "provider", "prometheus"),
+            paused=_flag(raw, "paused"),
         )
 
 
@@ -99,6 +106,24 @@ def _text(raw: dict[str, Any], name: str) -> str:
     value = raw[name]
     if not isinstance(value, str) or not value.strip():
         raise InvalidSpec(f"spec.{name} must be a non-empty string")
+    return value
+
+
+def _flag(raw: dict[str, Any], name: str) -> bool:
+    value = raw.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidSpec(f"spec.{name} must be true or false, not {value!r}")
+    return value
+
+
+def _label(raw: dict[str, Any], name: str, default: str) -> str:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+        raise InvalidSpec(f"spec.{name} must be a DNS label (a-z, 0-9 and '-', at most 63 characters), not {value!r}")
     return value
 
 

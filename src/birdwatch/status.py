@@ -31,6 +31,30 @@ def parse_time(text: str | None) -> float | None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Acknowledgement:
+    """birdwatch's answer to a request made through the annotation ``birdwatch.otomato.link/request``."""
+
+    id: str  # the annotation's value, as it was when acted on: the same value is never acted on twice
+    action: str
+    result: str  # Done or Refused
+    message: str = ""
+
+    def body(self) -> dict[str, str]:
+        return {"id": self.id, "action": self.action, "result": self.result, "message": self.message}
+
+    @classmethod
+    def parse(cls, raw: Any) -> Acknowledgement | None:
+        if not isinstance(raw, dict) or not raw.get("id"):
+            return None
+        return cls(
+            id=str(raw["id"]),
+            action=str(raw.get("action", "")),
+            result=str(raw.get("result", "")),
+            message=str(raw.get("message", "")),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Status:
     phase: Phase
     observed_generation: int
@@ -43,6 +67,7 @@ class Status:
     message: str = ""
     reason: str = ""  # the machine reason of the phase, as in the Event that announced it
     waiting_since: str | None = None  # when this generation began waiting (ready_timeout counts from here)
+    request: Acknowledgement | None = None  # the last request (promote, abort, ...) and what came of it
 
     def but(self, **changes: Any) -> Status:
         return replace(self, **changes)
@@ -63,6 +88,7 @@ class Status:
                 message=str(raw.get("message", "")),
                 reason=str(raw.get("reason", "")),
                 waiting_since=raw.get("waitingSince"),
+                request=Acknowledgement.parse(raw.get("request")),
             )
         except (KeyError, ValueError, TypeError):
             return None
@@ -119,6 +145,7 @@ class StatusWriter:
             "message": status.message,
             "reason": status.reason,
             "waitingSince": status.waiting_since,
+            "request": status.request.body() if status.request else None,
             "conditions": conditions,
         }
 

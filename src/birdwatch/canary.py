@@ -25,7 +25,8 @@ from .events import EventRecorder, ObjectRef
 from .kube import Conflict, Kube, KubeError, NotFound, Obj
 from .metrics import Metrics
 from .notify import Notice, Notifier, next_step
-from .prometheus import BadQuery, QueryError
+from .providers.base import ProviderLookup
+from .providers.errors import BadQuery, QueryError
 from .router import Record, Router, Traffic
 from .spec import TERMINAL, BirdWatchSpec, InvalidSpec, Phase
 from .status import Status, StatusWriter, parse_time
@@ -37,10 +38,6 @@ READY_POLL = 1.0  # shortest wait between looks at what is missing or not ready 
 MAX_CONFLICTS = 5  # conflicts in a row before they are reported (each is re-read and decided afresh)
 
 
-class MetricSource(Protocol):
-    async def query(self, promql: str, *, budget: float = 0.0) -> float | None: ...
-
-
 class OwnerLookup(Protocol):
     def __call__(self, namespace: str, name: str) -> Obj | None: ...
 
@@ -50,7 +47,7 @@ class Ports:
     """Everything a canary talks to. The controller builds one and shares it between all canaries."""
 
     kube: Kube
-    metrics_source: MetricSource
+    providers: ProviderLookup  # spec.provider's name -> the backend answering spec.metric
     events: EventRecorder
     notifier: Notifier
     metrics: Metrics
@@ -236,14 +233,19 @@ class Canary:
     async def _read(self) -> Reading:
         assert self.spec is not None
         spec = self.spec
+        provider = self._ports.providers.get(spec.provider)
+        if provider is None:
+            # Only the controller's configuration can add one: nothing to wait for.
+            known = ", ".join(self._ports.providers.names())
+            return Reading(error=f"unknown provider {spec.provider!r}; known: {known}", rejected=True)
         try:
-            raw = await self._ports.metrics_source.query(spec.metric, budget=float(max(spec.interval, 2)))
+            raw = await provider.query(spec.metric, budget=float(max(spec.interval, 2)))
         except BadQuery as exc:
-            return Reading(error=f"Prometheus rejected the metric query: {exc}", rejected=True)
+            return Reading(error=f"{provider.kind} rejected the metric query: {exc}", rejected=True)
         except QueryError as exc:
             if not exc.retryable:
                 return Reading(error=f"the metric query cannot be judged: {exc}", rejected=True)
-            log.warning("metric query failed", detail=str(exc))
+            log.warning("metric query failed", detail=str(exc), provider=provider.name)
             return Reading(error=str(exc))
         self._query_checked = True
         if raw is not None:

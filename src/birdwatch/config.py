@@ -12,6 +12,8 @@ from pathlib import Path
 from .errors import ConfigError
 from .notifiers.settings import NotifierSettings, load_file, slack_from_env
 from .prometheus import PrometheusConfig
+from .providers.config import ProviderConfigError, ProviderSpec, load_providers_file
+from .providers.registry import check_specs
 
 __all__ = ["ConfigError", "LeaderSettings", "Settings", "add_run_arguments", "settings_from"]
 
@@ -45,6 +47,7 @@ class Settings:
     shutdown_grace: float
     watch_read_timeout: float
     notifiers: tuple[NotifierSettings, ...] = ()  # from --notifiers-file, and `slack` from today's SLACK_* settings
+    providers: tuple[ProviderSpec, ...] = ()  # from --providers-file; the default "prometheus" is not among them
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:
@@ -103,6 +106,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
         default=float(e("PROMETHEUS_TIMEOUT") or 10),
         metavar="S",
         help="bound on each query, seconds [$PROMETHEUS_TIMEOUT] (default 10)",
+    )
+    mp = parser.add_argument_group("Metric providers (a BirdWatch's spec.provider; default: the Prometheus above)")
+    mp.add_argument(
+        "--providers-file",
+        default=e("BIRDWATCH_PROVIDERS_FILE"),
+        metavar="PATH",
+        help="YAML file naming more metric providers (prometheus, influxdb, graphite, loki, datadog, newrelic, "
+        "web), with credentials read from files [$BIRDWATCH_PROVIDERS_FILE]",
     )
     n = parser.add_argument_group("Notifications")
     n.add_argument(
@@ -239,6 +250,13 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    providers: tuple[ProviderSpec, ...] = ()
+    if args.providers_file:
+        try:
+            providers = tuple(load_providers_file(Path(args.providers_file)))
+            check_specs(providers)
+        except ProviderConfigError as exc:
+            raise ConfigError(str(exc)) from None
     notifiers = load_file(args.notifiers_file) if args.notifiers_file else ()
     legacy = slack_from_env(token=_env(env, "SLACK_API_TOKEN"), channel=args.slack_channel, api_url=args.slack_api_url)
     if legacy is not None:
@@ -270,6 +288,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         shutdown_grace=args.shutdown_grace,
         watch_read_timeout=args.watch_read_timeout,
         notifiers=notifiers,
+        providers=providers,
     )
 
 

@@ -40,6 +40,20 @@ class Metrics:
         self.prometheus_errors = Counter(
             "birdwatch_prometheus_errors", "Failed Prometheus queries (each attempt)", registry=self.registry
         )
+        self.provider_queries = Counter(
+            "birdwatch_provider_queries",
+            "Metric queries by provider and result: value, no_data, rejected, unavailable, error "
+            "(one per check, however many attempts it took)",
+            ("provider", "result"),
+            registry=self.registry,
+        )
+        self.provider_query_duration = Histogram(
+            "birdwatch_provider_query_duration_seconds",
+            "How long a metric query took, retries within its budget included",
+            ("provider",),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
         self.step_lateness = Histogram(
             "birdwatch_step_lateness_seconds",
             "How late a traffic step was against its interval",
@@ -61,6 +75,10 @@ class Metrics:
             ("notifier", "result"),
             registry=self.registry,
         )
+
+    def provider_query(self, provider: str, result: str, seconds: float) -> None:
+        self.provider_queries.labels(provider, result).inc()
+        self.provider_query_duration.labels(provider).observe(seconds)
 
     def notification(self, notifier: str, result: str) -> None:
         self.notifications.labels(notifier, result).inc()

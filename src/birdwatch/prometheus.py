@@ -28,6 +28,8 @@ import aiohttp
 
 from birdwatch import __version__
 
+from .providers.errors import AmbiguousResult, BadQuery, QueryError, Unavailable
+
 __all__ = [
     "AmbiguousResult",
     "BadQuery",
@@ -35,6 +37,8 @@ __all__ = [
     "PrometheusConfig",
     "QueryError",
     "Unavailable",
+    "interpret",
+    "one_number",
 ]
 
 _FIRST_BACKOFF = 0.2
@@ -75,39 +79,6 @@ class PrometheusConfig:
             raise ValueError(f"Prometheus timeout must be positive, not {self.timeout}")
 
 
-class QueryError(Exception):
-    """A query gave no number. ``retryable`` says whether asking again later may help."""
-
-    retryable: bool = False
-
-    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if retryable is not None:
-            self.retryable = retryable
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class BadQuery(QueryError):
-    """Prometheus rejected the query; the message is Prometheus's own explanation."""
-
-    retryable = False
-
-
-class AmbiguousResult(QueryError):
-    """The query answered with something other than one number (several series, a range vector, a string)."""
-
-    retryable = False
-
-
-class Unavailable(QueryError):
-    """Prometheus could not be asked or could not answer now: unreachable, too slow, overloaded, not itself."""
-
-    retryable = True
-
-
 class PrometheusClient:
     """One connection pool to one Prometheus, shared by every canary's task.
 
@@ -115,10 +86,20 @@ class PrometheusClient:
     Use as ``async with PrometheusClient(config) as client:``, or call :meth:`close`; a closed client is done.
     """
 
-    def __init__(self, config: PrometheusConfig, *, on_error: Callable[[QueryError], None] | None = None) -> None:
+    kind = "Prometheus"
+
+    def __init__(
+        self,
+        config: PrometheusConfig,
+        *,
+        on_error: Callable[[QueryError], None] | None = None,
+        name: str = "prometheus",
+    ) -> None:
+        self.name = name  # as a BirdWatch's spec.provider names it: this client is a provider among others
         self._config = config
         self._on_error = on_error
         self._base = config.url.rstrip("/")
+        self.address = self._base
         self._ssl: ssl.SSLContext | bool = True
         if config.ca_file is not None:
             # Built now, not on first use, so that an unreadable CA bundle stops the controller at start-up.
@@ -314,11 +295,23 @@ def _interpret(answer: _Answer) -> float | None:
     if prom_error is not None:
         raise Unavailable(f"Prometheus at {base} answered an error: {prom_error[0]}: {prom_error[1]}")
     try:
-        return _one_number(doc["data"])
+        return one_number(doc["data"])
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise Unavailable(
             f"Prometheus at {base} answered JSON of an unexpected shape: {_snippet(answer.body)}"
         ) from exc
+
+
+def interpret(
+    *, base: str, status: int, reason: str, content_type: str, body: bytes, authenticated: bool
+) -> float | None:
+    """The number in an answer of Prometheus's query API (or of one that speaks it: VictoriaMetrics, Thanos,
+    Mimir, Cortex), or the typed error it amounts to. ``reason`` and ``body`` must be scrubbed of secrets already."""
+    return _interpret(
+        _Answer(
+            base=base, status=status, reason=reason, content_type=content_type, body=body, authenticated=authenticated
+        )
+    )
 
 
 def _prometheus_error(doc: Any) -> tuple[str, str] | None:
@@ -327,7 +320,8 @@ def _prometheus_error(doc: Any) -> tuple[str, str] | None:
     return None
 
 
-def _one_number(data: Mapping[str, Any]) -> float | None:
+def one_number(data: Mapping[str, Any]) -> float | None:
+    """The number in a query answer's ``data`` (Prometheus's shape, which Loki's metric queries share too)."""
     kind, result = data["resultType"], data["result"]
     if kind == "scalar":
         return _sample(result)

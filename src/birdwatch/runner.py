@@ -22,6 +22,8 @@ from .metrics import Metrics
 from .notifiers.hub import build as build_notifiers
 from .notify import Moment, Notice, Notifier
 from .prometheus import PrometheusClient
+from .providers.base import Provider
+from .providers.registry import DEFAULT, Providers, build_providers
 from .registry import CanaryFactory, Registry
 from .server import HealthServer
 from .spec import Phase
@@ -40,7 +42,7 @@ class App:
         self.registry: Registry | None = None
         self.watchers: list[Watcher] = []
         self.health: HealthServer | None = None
-        self._prometheus_ok: tuple[bool, str] = (False, "not checked yet")
+        self._provider_ok: dict[str, tuple[bool, str]] = {}
         self._leading = not settings.leader.enabled
         self._watch_tasks: list[asyncio.Task[None]] = []
         self._prometheus_task: asyncio.Task[None] | None = None
@@ -61,8 +63,13 @@ class App:
             return True, "watching birdwatches"
         return False, "watch not established yet"
 
-    def _prometheus_ready(self) -> tuple[bool, str]:
-        return self._prometheus_ok
+    def _provider_ready(self, name: str) -> Callable[[], tuple[bool, str]]:
+        return lambda: self._provider_ok.get(name, (False, "not checked yet"))
+
+    @staticmethod
+    def _check_name(name: str) -> str:
+        # The default keeps the line /readyz always had; the others are told apart from birdwatch's own checks.
+        return name if name == DEFAULT else f"provider/{name}"
 
     def _loops_alive(self) -> tuple[bool, str]:
         # Only the current term's loops: a standby has none, and is alive.
@@ -79,9 +86,10 @@ class App:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self.kube = kube = await Kube.connect(kubeconfig=settings.kubeconfig, context=settings.context)
         prometheus = PrometheusClient(settings.prometheus, on_error=lambda _: self.metrics.prometheus_errors.inc())
+        providers = build_providers(settings.providers, default=prometheus, observe=self.metrics.provider_query)
         notifier = build_notifiers(settings.notifiers, kube=kube, on_result=self.metrics.notification)
         events = EventRecorder(kube, on_drop=self.metrics.events_dropped.inc)
-        factory = self._canary_factory(kube, prometheus, events, notifier)
+        factory = self._canary_factory(kube, providers, events, notifier)
         ports_ready = False
         try:
             await notifier.start()
@@ -94,12 +102,15 @@ class App:
                     port=int(port),
                     metrics=self.metrics,
                     live={"loops": self._loops_alive},
-                    ready={"watch": self._watch_established, "prometheus": self._prometheus_ready},
+                    ready={
+                        "watch": self._watch_established,
+                        **{self._check_name(n): self._provider_ready(n) for n in providers.names()},
+                    },
                 )
                 await self.health.start()
                 log.info("serving /healthz, /readyz and /metrics", address=f"{host}:{self.health.port}")
             self._prometheus_task = asyncio.create_task(
-                self._monitor_prometheus(prometheus, notifier), name="prometheus-monitor"
+                self._monitor_providers(providers, notifier), name="provider-monitor"
             )
             await self._lead(lambda: self._work(kube, factory))
         finally:
@@ -110,7 +121,7 @@ class App:
             if ports_ready:
                 await events.close(timeout=2.0)
                 await notifier.close(timeout=2.0)
-            await prometheus.close()
+            await providers.close()
             if self.health is not None:
                 await self.health.close()
             await kube.close()
@@ -180,11 +191,11 @@ class App:
         return max(0.5, min(self.settings.shutdown_grace, leader.lease_duration - leader.renew_deadline - 1.0))
 
     def _canary_factory(
-        self, kube: Kube, prometheus: PrometheusClient, events: EventRecorder, notifier: Notifier
+        self, kube: Kube, providers: Providers, events: EventRecorder, notifier: Notifier
     ) -> CanaryFactory:
         ports = Ports(
             kube=kube,
-            metrics_source=prometheus,
+            providers=providers,
             events=events,
             notifier=notifier,
             metrics=self.metrics,
@@ -200,28 +211,47 @@ class App:
 
         return carry_out
 
-    async def _monitor_prometheus(self, prometheus: PrometheusClient, notifier: Notifier) -> None:
-        """Readiness follows Prometheus: checked at start (said loudly when down) and every 15 s after."""
+    async def _monitor_providers(self, providers: Providers, notifier: Notifier) -> None:
+        """Readiness follows the metric providers: checked at start (the log says which answer; one that does not is
+        said loudly) and every 15 s after. A provider that is down fails only the BirdWatches that name it."""
         first = True
         while not self._stop.is_set():
-            was = self._prometheus_ok[0]
-            self._prometheus_ok = ok, why = await prometheus.ready()
-            url = self.settings.prometheus.url
-            if ok and (first or not was):
-                log.info("prometheus ready", url=url)
-            elif not ok and (first or was):
-                log.error("prometheus not reachable; canaries count failed checks until it is", url=url, detail=why)
-                notifier.notify(
-                    Notice(
-                        moment=Moment.FAILED,
-                        namespace="-",
-                        name="birdwatch",
-                        service="-",
-                        canary_version="-",
-                        weight=0,
-                        message=f"Prometheus at {url} is not reachable: {why}",
-                    )
+            answers = await providers.ready()
+            for provider in providers:
+                was = self._provider_ok.get(provider.name, (False, ""))[0]
+                self._provider_ok[provider.name] = ok, why = answers[provider.name]
+                if first or ok != was:
+                    self._say_provider(provider, ok=ok, why=why, notifier=notifier)
+            if first:
+                log.info(
+                    "metric providers checked",
+                    answering=[n for n, (ok, _) in answers.items() if ok],
+                    not_answering=[n for n, (ok, _) in answers.items() if not ok],
                 )
             first = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 15.0)
+
+    def _say_provider(self, provider: Provider, *, ok: bool, why: str, notifier: Notifier) -> None:
+        default = provider.name == DEFAULT
+        where = self.settings.prometheus.url if default else provider.address
+        if ok:
+            log.info("prometheus ready" if default else "metric provider ready", provider=provider.name, url=where)
+            return
+        event = (
+            "prometheus not reachable; canaries count failed checks until it is"
+            if default
+            else "metric provider not reachable; canaries using it count failed checks until it is"
+        )
+        log.error(event, provider=provider.name, url=where, detail=why)
+        notifier.notify(
+            Notice(
+                moment=Moment.FAILED,
+                namespace="-",
+                name="birdwatch",
+                service="-",
+                canary_version="-",
+                weight=0,
+                message=f"{provider.kind} at {where} (provider {provider.name}) is not reachable: {why}",
+            )
+        )

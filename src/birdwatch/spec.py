@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 import math
 import re
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=enum.Enum)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 GROUP = "otomato.link"
@@ -70,6 +72,7 @@ class BirdWatchSpec:
     deviation_direction: Direction = Direction.INCREASE
     no_data: NoData = NoData.ZERO
     ready_timeout: int = 600
+    provider: str = "prometheus"  # the metric provider that answers ``metric``, by its name in the providers file
     notify: tuple[str, ...] | None = None  # notifiers by name; None: every notifier whose filters match
     provider: str = "prometheus"  # the metric provider that answers ``metric``, by its name in the providers file
     paused: bool = False  # hold the weight where it is: no steps, no checks, until set back to false
@@ -96,6 +99,7 @@ class BirdWatchSpec:
             deviation_direction=_choice(raw, "deviation_direction", Direction, Direction.INCREASE),
             no_data=_choice(raw, "no_data", NoData, NoData.ZERO),
             ready_timeout=_integer(raw, "ready_timeout", 600, low=1, high=86400),
+            provider=_label(raw, "provider", "prometheus"),
             notify=_names(raw, "notify"),
             provider=_label(raw, "provider", "prometheus"),
             paused=_flag(raw, "paused"),
@@ -134,6 +138,15 @@ def _names(raw: dict[str, Any], name: str) -> tuple[str, ...] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise InvalidSpec(f"spec.{name} must be a list of notifier names, not {value!r}")
     return tuple(dict.fromkeys(value))
+
+
+def _label(raw: dict[str, Any], name: str, default: str) -> str:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+        raise InvalidSpec(f"spec.{name} must be a DNS label (a-z, 0-9 and '-', at most 63 characters), not {value!r}")
+    return value
 
 
 def _number(raw: dict[str, Any], name: str, *, low: float) -> float:

@@ -34,12 +34,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Kube, KubeError  # noqa: E402
+from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Kube  # noqa: E402
 from envtest.controlplane import KubeHTTP, free_port  # noqa: E402
 from envtest.exporter import Exporter  # noqa: E402
 from envtest.pki import Pair  # noqa: E402
-from envtest.sandbox import SANDBOX, STATE, up  # noqa: E402
-from kit import deployment, make_available  # noqa: E402
+from envtest.sandbox import SANDBOX, STATE, read_env, up  # noqa: E402
+from kit import deployment, follow_objects, wait_available  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 BIRDWATCH = REPO / ".venv" / "bin" / "birdwatch"
@@ -165,24 +165,22 @@ def prometheus_queries(url: str) -> float:
     return total
 
 
-async def follow(kube: Kube, namespace: str, canaries: dict[str, Canary], stop: asyncio.Event) -> None:
-    """Time every traffic write from our own watch of the VirtualServices."""
-    items, rv = await kube.list(VIRTUALSERVICES, namespace)
-    last = {item["metadata"]["name"]: canary_weight(item) for item in items}
-    while not stop.is_set():
-        try:
-            async for event in kube.watch(VIRTUALSERVICES, namespace, resource_version=rv, timeout_seconds=60):
-                now = time.monotonic()
-                rv = event.object["metadata"].get("resourceVersion", rv)
-                if event.type != "MODIFIED":
-                    continue
-                name = event.object["metadata"]["name"]
-                weight = canary_weight(event.object)
-                if name in canaries and last.get(name) != weight:
-                    last[name] = weight
-                    canaries[name].writes.append((now, weight))
-        except KubeError:
-            await asyncio.sleep(0.2)
+async def follow(kube: Kube, namespace: str, canaries: dict[str, Canary]) -> None:
+    """Time every traffic write from our own watch of the VirtualServices (the kit's follower: LIST, WATCH, and
+    LIST again after a 410 Gone, where a bare watch would retry its stale resourceVersion forever)."""
+    last: dict[str, int] = {}
+
+    def see(obj: dict[str, Any]) -> None:
+        now = time.monotonic()
+        name, weight = obj["metadata"]["name"], canary_weight(obj)
+        if name not in last:
+            last[name] = weight  # the state before the run, not a write
+        elif last[name] != weight:
+            last[name] = weight
+            if name in canaries:
+                canaries[name].writes.append((now, weight))
+
+    await follow_objects(kube, VIRTUALSERVICES, namespace, see)
 
 
 async def run_one(
@@ -203,7 +201,8 @@ async def run_one(
     for name in names:
         for obj in objects(name, namespace):
             api.apply(obj)
-        make_available(api, namespace, f"{name}-v2")
+    # The harness's controller-manager, scheduler and kwok make them available, as a cluster would.
+    wait_available(api, namespace, *(f"{name}-v2" for name in names), timeout=60 + n * 0.2)
     exporter.set_gauge("bench_errors", 0.0, ns=namespace)
 
     health = free_port()
@@ -240,8 +239,7 @@ async def run_one(
     )
     kube = await Kube.connect(kubeconfig=env["KUBECONFIG"])
     canaries = {name: Canary(name) for name in names}
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(follow(kube, namespace, canaries, stop))
+    watcher = asyncio.create_task(follow(kube, namespace, canaries))
     try:
         await asyncio.sleep(2.0)  # the controller's LIST and WATCH are up
         cpu0, req0, q0 = proc_cpu_seconds(proc.pid), request_counts(api), prometheus_queries(env["PROMETHEUS_URL"])
@@ -292,7 +290,6 @@ async def run_one(
         rss_peak = proc_rss_kb(proc.pid, "VmHWM")
         statuses = (await kube.list(BIRDWATCHES, namespace))[0]
     finally:
-        stop.set()
         watcher.cancel()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -403,7 +400,7 @@ def main() -> int:
     args = parser.parse_args()
     if up() != 0:
         return 1
-    env = dict(line.split("=", 1) for line in (SANDBOX / "env").read_text().splitlines() if "=" in line)
+    env = read_env(SANDBOX / "env") or {}
     state = json.loads(STATE.read_text())
     api = KubeHTTP(
         "127.0.0.1",

@@ -12,9 +12,19 @@ from typing import Any
 
 from birdwatch.cli import build_parser
 from birdwatch.config import settings_from
-from birdwatch.kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Gone, Kube, KubeError, Resource
+from birdwatch.kube import (
+    BIRDWATCHES,
+    DEPLOYMENTS,
+    DESTINATIONRULES,
+    VIRTUALSERVICES,
+    Gone,
+    Kube,
+    KubeError,
+    Resource,
+)
 from birdwatch.runner import App
 from envtest.controlplane import ControlPlane, KubeHTTP
+from envtest.workloads import NEVER_READY, POD_BEHAVIOUR
 
 Obj = dict[str, Any]
 TERMINAL = {"Promoted", "RolledBack", "Frozen", "Failed"}
@@ -34,37 +44,68 @@ async def eventually(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
-def deployment(name: str, version: str, *, app: str = "aleph") -> Obj:
+def deployment(
+    name: str, version: str, *, app: str = "aleph", pods: str | None = None, progress_deadline: int | None = None
+) -> Obj:
+    """A Deployment of one replica labelled ``app`` and ``version``. ``pods`` makes its pods fail on purpose
+    (``envtest.workloads.NEVER_READY`` or ``CRASH``: kwok's stages react to the label on the pod template only, so
+    ``fix_pods`` can drop it without touching the immutable selector); ``progress_deadline`` sets
+    ``progressDeadlineSeconds``, after which the Deployment controller reports ``ProgressDeadlineExceeded``."""
     labels = {"app": app, "version": version}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": app, "image": f"example.invalid/{app}:{version}"}]},
-            },
+    pod_labels = {**labels, POD_BEHAVIOUR: pods} if pods else labels
+    spec: Obj = {
+        "replicas": 1,
+        "selector": {"matchLabels": labels},
+        "template": {
+            "metadata": {"labels": pod_labels},
+            "spec": {"containers": [{"name": app, "image": f"example.invalid/{app}:{version}"}]},
         },
     }
+    if progress_deadline is not None:
+        spec["progressDeadlineSeconds"] = progress_deadline
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels}, "spec": spec}
 
 
-def make_available(api: KubeHTTP, namespace: str, name: str) -> None:
-    """No kubelet runs here: say through the status subresource what the Deployment controller would."""
+def rolled_out(obj: Obj) -> bool:
+    """What ``kubectl rollout status`` waits for, judged apart from birdwatch's own reading of the same status."""
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    wanted = int(spec.get("replicas", 1))
+    return (
+        int(status.get("observedGeneration", 0)) >= int(obj["metadata"].get("generation", 0))
+        and int(status.get("updatedReplicas", 0)) == wanted
+        and int(status.get("replicas", 0)) == wanted
+        and int(status.get("availableReplicas", 0)) == wanted
+    )
+
+
+def wait_available(api: KubeHTTP, namespace: str, *names: str, timeout: float = 30.0) -> None:
+    """Block until the Deployment controller reports each Deployment rolled out and available (the harness's
+    kube-controller-manager, scheduler and kwok do the work). Synchronous: for setting up before a controller runs
+    in the test's event loop; ``eventually(lambda: deployment_ready(...))`` is the way inside one."""
+    deadline = time.monotonic() + timeout
+    pending = list(names)
+    last: Obj = {}
+    while pending:
+        status, last = api.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{pending[0]}")
+        if status == 200 and rolled_out(last):
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Deployment {pending[0]} not available after {timeout}s: {last.get('status')}")
+        time.sleep(0.05)
+
+
+async def deployment_ready(kube: Kube, namespace: str, name: str) -> bool:
+    return rolled_out(await kube.get(DEPLOYMENTS, namespace, name))
+
+
+def fix_pods(api: KubeHTTP, namespace: str, name: str) -> None:
+    """The canary's fault is fixed: its pod template loses the failure label, and the Deployment controller rolls
+    that out as a new ReplicaSet whose pods become Ready (the old ones are scaled down)."""
     status, body = api.request(
         "PATCH",
-        f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
-        {
-            "status": {
-                "observedGeneration": 1,
-                "replicas": 1,
-                "updatedReplicas": 1,
-                "readyReplicas": 1,
-                "availableReplicas": 1,
-            }
-        },
+        f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+        {"spec": {"template": {"metadata": {"labels": {POD_BEHAVIOUR: None}}}}},
         content_type="application/merge-patch+json",
     )
     assert status == 200, body
@@ -128,9 +169,16 @@ def mesh(
     ready: bool = True,
     versions: Sequence[str] = ("v03", "v04"),
     extra_routes: Sequence[Obj] = (),
+    progress_deadline: int | None = None,
 ) -> None:
-    """The aleph service as a user has it before a canary: Deployments, DestinationRule, VirtualService."""
-    objs = [deployment(f"aleph-{v}", v) for v in versions]
+    """The aleph service as a user has it before a canary: Deployments, DestinationRule, VirtualService; returns
+    once the Deployments are available. With ``ready=False`` the canaries' pods (every version but the first)
+    never become ready."""
+    failing = None if ready else NEVER_READY
+    objs = [
+        deployment(f"aleph-{v}", v, pods=None if i == 0 else failing, progress_deadline=progress_deadline)
+        for i, v in enumerate(versions)
+    ]
     if named:
         objs += [
             destination_rule("aleph", {"production": versions[0], "canary": versions[1]}),
@@ -142,9 +190,7 @@ def mesh(
             virtual_service("aleph", {versions[0]: 100}, extra_routes=extra_routes),
         ]
     apply_all(api, namespace, objs)
-    if ready:
-        for v in versions:
-            make_available(api, namespace, f"aleph-{v}")
+    wait_available(api, namespace, *(f"aleph-{v}" for v in (versions if ready else versions[:1])))
 
 
 @dataclass

@@ -1,16 +1,23 @@
-"""The harness really is a Kubernetes API server, Istio's schemas and a Prometheus: each enforces its rules."""
+"""The harness really is a Kubernetes API server, Istio's schemas and a Prometheus: each enforces its rules; and its
+controller-manager, scheduler and kwok nodes do what a cluster does with Deployments and namespaces."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
 from typing import Any
 
 import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from birdwatch.workload import deployment_available
 from envtest.controlplane import KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
+from envtest.workloads import CRASH, CRASH_AFTER, NEVER_READY, NODE_NAMES, POD_BEHAVIOUR
+from kit import apply_all, deployment, rolled_out
 
 VALID_SPEC: dict[str, Any] = {
     "service": "aleph",
@@ -114,3 +121,141 @@ def test_exporter_value_is_read_back_through_promql(exporter: Exporter, promethe
     prometheus.wait_for_value('count(envtest_requests_total{service="aleph"})', 1)
     exporter.set_gauge("envtest_canary_error_rate", 0.05, service="aleph", version="v04")
     prometheus.wait_for_value('envtest_canary_error_rate{service="aleph",version="v04"}', 0.05)
+
+
+# --- the cluster in miniature: controller-manager, scheduler and kwok's nodes (envtest/workloads.py) ---------------
+
+DEPLOYMENTS_PATH = "/apis/apps/v1/namespaces/{ns}/deployments"
+
+
+def get(api: KubeHTTP, path: str) -> dict[str, Any]:
+    status, body = api.request("GET", path)
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
+
+
+async def wait_for(what: str, probe: Any, *, timeout: float = 30.0) -> Any:
+    """Poll a synchronous probe without blocking the loop for long; fail with the last value it returned."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+async def test_a_deployment_becomes_available_by_itself(admin_http: KubeHTTP, namespace: str) -> None:
+    started = time.monotonic()
+    apply_all(admin_http, namespace, [deployment("aleph-v04", "v04")])
+    path = DEPLOYMENTS_PATH.format(ns=namespace) + "/aleph-v04"
+    ready = await wait_for("aleph-v04 available", lambda: rolled_out(d := get(admin_http, path)) and d)
+    print(f"Deployment available {time.monotonic() - started:.2f}s after it was applied")
+    assert condition(ready, "Available")["status"] == "True"
+    assert condition(ready, "Progressing")["reason"] == "NewReplicaSetAvailable"
+    # Through a ReplicaSet and a Pod that the scheduler put on one of kwok's nodes, Running and Ready.
+    (replica_set,) = get(admin_http, f"/apis/apps/v1/namespaces/{namespace}/replicasets")["items"]
+    assert replica_set["metadata"]["ownerReferences"][0]["name"] == "aleph-v04"
+    (pod,) = get(admin_http, f"/api/v1/namespaces/{namespace}/pods")["items"]
+    assert pod["metadata"]["ownerReferences"][0]["name"] == replica_set["metadata"]["name"]
+    assert pod["spec"]["nodeName"] in NODE_NAMES
+    assert pod["status"]["phase"] == "Running"
+    assert condition(pod, "Ready")["status"] == "True"
+
+
+async def test_never_ready_pods_end_in_progress_deadline_exceeded(admin_http: KubeHTTP, namespace: str) -> None:
+    apply_all(admin_http, namespace, [deployment("aleph-v04", "v04", pods=NEVER_READY, progress_deadline=1)])
+    path = DEPLOYMENTS_PATH.format(ns=namespace) + "/aleph-v04"
+    stuck = await wait_for(
+        "ProgressDeadlineExceeded",
+        lambda: condition(d := get(admin_http, path), "Progressing").get("reason") == "ProgressDeadlineExceeded" and d,
+    )
+    assert condition(stuck, "Progressing")["status"] == "False"
+    assert "has timed out progressing" in condition(stuck, "Progressing")["message"]
+    assert condition(stuck, "Available")["status"] == "False"
+    assert stuck["status"].get("availableReplicas", 0) == 0
+    (pod,) = get(admin_http, f"/api/v1/namespaces/{namespace}/pods")["items"]
+    assert pod["status"]["phase"] == "Running"
+    ready = condition(pod, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ContainersNotReady")
+    assert ready["message"] == "containers with unready status: [aleph]"
+    # birdwatch's reading of the same status carries the controller's own words.
+    ok, why = deployment_available(stuck)
+    assert not ok
+    assert "0/1 replicas available, 1/1 updated; ProgressDeadlineExceeded: ReplicaSet" in why
+
+
+async def test_crashing_pods_are_ready_then_not(admin_http: KubeHTTP, namespace: str) -> None:
+    crashing = deployment("aleph-v04", "v04", pods=CRASH)
+    crashing["spec"]["template"]["metadata"]["annotations"] = {CRASH_AFTER: "2s"}
+    apply_all(admin_http, namespace, [crashing])
+    path = DEPLOYMENTS_PATH.format(ns=namespace) + "/aleph-v04"
+    await wait_for("aleph-v04 available", lambda: rolled_out(get(admin_http, path)))
+    down = await wait_for(
+        "aleph-v04 unavailable after the crash",
+        lambda: (d := get(admin_http, path))["status"].get("availableReplicas", 0) == 0 and d,
+    )
+    assert condition(down, "Available")["status"] == "False"
+    ok, why = deployment_available(down)
+    assert not ok
+    assert "0/1 replicas available, 1/1 updated, 1 unavailable" in why
+    assert "MinimumReplicasUnavailable" in why
+    (pod,) = get(admin_http, f"/api/v1/namespaces/{namespace}/pods")["items"]
+    (container,) = pod["status"]["containerStatuses"]
+    assert container["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert container["restartCount"] == 1
+
+
+async def test_a_surge_shows_old_replicas_until_they_are_gone(admin_http: KubeHTTP, namespace: str) -> None:
+    # A new template whose pods never get ready: the controller surges one new pod beside the old, available one.
+    # availableReplicas stays 1 (the old pod) while the new one is unavailable: not available to birdwatch.
+    apply_all(admin_http, namespace, [deployment("aleph-v04", "v04")])
+    path = DEPLOYMENTS_PATH.format(ns=namespace) + "/aleph-v04"
+    await wait_for("aleph-v04 available", lambda: rolled_out(get(admin_http, path)))
+    status, body = admin_http.request(
+        "PATCH",
+        path,
+        {"spec": {"template": {"metadata": {"labels": {POD_BEHAVIOUR: NEVER_READY}}}}},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+    surging = await wait_for(
+        "the surge",
+        lambda: (
+            (d := get(admin_http, path))["status"].get("replicas") == 2
+            and d["status"].get("updatedReplicas") == 1
+            and d["status"]["observedGeneration"] == d["metadata"]["generation"]
+            and d
+        ),
+    )
+    assert surging["status"]["availableReplicas"] == 1
+    ok, why = deployment_available(surging)
+    assert not ok, why
+    assert "1 old replica pending termination" in why
+    assert "1 unavailable" in why
+
+
+async def test_deleting_a_namespace_deletes_what_is_in_it(admin_http: KubeHTTP) -> None:
+    name = f"doomed-{uuid.uuid4().hex[:6]}"
+    admin_http.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    apply_all(admin_http, name, [deployment("aleph-v04", "v04"), virtual_service("aleph", route(100, 0))])
+    await wait_for(
+        "aleph-v04 available", lambda: rolled_out(get(admin_http, DEPLOYMENTS_PATH.format(ns=name) + "/aleph-v04"))
+    )
+    status, _ = admin_http.request("DELETE", f"/api/v1/namespaces/{name}")
+    assert status == 200
+    await wait_for(
+        "the namespace gone", lambda: admin_http.request("GET", f"/api/v1/namespaces/{name}")[0] == 404, timeout=60
+    )
+    for path in (
+        f"/api/v1/namespaces/{name}/pods",
+        f"/apis/apps/v1/namespaces/{name}/replicasets",
+        f"/apis/networking.istio.io/v1/namespaces/{name}/virtualservices",
+    ):
+        assert get(admin_http, path)["items"] == [], path

@@ -36,6 +36,7 @@ from envtest.assets import Assets
 from envtest.controlplane import ControlPlane, KubeHTTP, free_port, stop_pid, wait_until
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
+from envtest.workloads import NEVER_READY
 from faultproxy import WATCHES, WRITES, FaultProxy, Scope, api_server_proxy
 from kit import (
     Cluster,
@@ -45,9 +46,9 @@ from kit import (
     destination_rule,
     eventually,
     follow_objects,
-    make_available,
     route_weights,
     virtual_service,
+    wait_available,
 )
 from kit import settings as kit_settings
 from slackfake import FakeSlack
@@ -120,15 +121,14 @@ def service(admin: KubeHTTP, namespace: str, app: str, *, ready: bool = True) ->
     production."""
     versions = {"production": "v1", "canary": f"{app}-v2"}
     objs = [
-        *(deployment(f"{app}-{subset}", version, app=app) for subset, version in versions.items()),
+        deployment(f"{app}-production", versions["production"], app=app),
+        deployment(f"{app}-canary", versions["canary"], app=app, pods=None if ready else NEVER_READY),
         destination_rule(app, versions),
         virtual_service(app, {"production": 100, "canary": 0}),
     ]
     for obj in objs:
         admin.apply({**obj, "metadata": {**obj["metadata"], "namespace": namespace}})
-    make_available(admin, namespace, f"{app}-production")
-    if ready:
-        make_available(admin, namespace, f"{app}-canary")
+    wait_available(admin, namespace, f"{app}-production", *([f"{app}-canary"] if ready else []))
 
 
 def bw(namespace: str, app: str, **spec: Any) -> Obj:

@@ -34,10 +34,10 @@ from kit import (
     deployment,
     destination_rule,
     eventually,
-    make_available,
     mesh,
     route_weights,
     virtual_service,
+    wait_available,
 )
 from process import (
     Fleet,
@@ -361,7 +361,7 @@ async def test_rollouts_survive_sigkill_at_random_moments(
             virtual_service(name, {"production": 100, "canary": 0}),
         ]
     apply_all(admin_http, ns, objs)
-    make_available(admin_http, ns, "aleph-v04")
+    wait_available(admin_http, ns, "aleph-v04")
     await set_metric(prometheus, exporter, ns, CHAOS_BASELINE)
     rng = random.Random(CHAOS_SEED)
     kills = 0

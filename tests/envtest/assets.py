@@ -23,6 +23,18 @@ class Assets:
         return self.folder / "etcd"
 
     @property
+    def kube_controller_manager(self) -> Path:
+        return self.folder / "kube-controller-manager"
+
+    @property
+    def kube_scheduler(self) -> Path:
+        return self.folder / "kube-scheduler"
+
+    @property
+    def kwok(self) -> Path:
+        return self.folder / "kwok"
+
+    @property
     def kubectl(self) -> Path | None:
         path = self.folder / "kubectl"
         return path if path.exists() else None

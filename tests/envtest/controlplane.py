@@ -2,7 +2,9 @@
 
 TLS with a throw-away CA, an admin client certificate in ``system:masters``, service-account signing keys and RBAC
 authorization; a kubeconfig for clients; birdwatch's CRD from ``deploy/`` and Istio's VirtualService and
-DestinationRule CRDs installed and Established before ``start()`` returns.
+DestinationRule CRDs installed and Established before ``start()`` returns. With ``workloads`` (the default),
+kube-controller-manager, kube-scheduler and kwok's fake nodes too (``workloads.py``): Deployments become Available
+by themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 from .assets import REPO, Assets
 from .pki import CertificateAuthority, Pair, service_account_keys
 from .tokenauth import TokenServer
+from .workloads import start_workloads
 
 ISTIO_CRDS = ("virtualservices.networking.istio.io", "destinationrules.networking.istio.io")
 BIRDWATCH_CRD = REPO / "deploy" / "crd" / "crd.yaml"
@@ -245,6 +248,7 @@ class ControlPlane:
     etcd_port: int = 0
     etcd_peer_port: int = 0
     api_port: int = 0
+    workloads: bool = True
     servers: list[Server] = field(default_factory=list)
     ca: Path = field(init=False)
     admin: Pair = field(init=False)
@@ -332,7 +336,11 @@ class ControlPlane:
         wait_until(
             "kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200, timeout=90, server=apiserver
         )
+        # The controllers start while the CRDs install: the two waits overlap.
+        workloads = start_workloads(self, authority, detach=detach) if self.workloads else None
         self.install_crds(api, extra_crds)
+        if workloads is not None:
+            workloads.wait_ready(api)
 
     def install_crds(self, api: KubeHTTP, extra: Sequence[Path] = ()) -> None:
         names = []

@@ -1,8 +1,10 @@
 """`make sandbox-up` / `make sandbox-down`: the test control plane and Prometheus, in the background, for people.
 
-``up`` starts etcd, kube-apiserver (with the BirdWatch and Istio CRDs installed) and Prometheus under
-``.sandbox/``, writes ``.sandbox/kubeconfig`` and ``.sandbox/env``, and returns. A second ``up`` reuses what is
-running. ``down`` stops every process ``up`` started. ``status`` says whether it is up.
+``up`` starts etcd, kube-apiserver (with the BirdWatch and Istio CRDs installed), kube-controller-manager,
+kube-scheduler, kwok with a few fake nodes (Deployments become Available by themselves) and Prometheus under
+``.sandbox/``, writes ``.sandbox/kubeconfig`` and ``.sandbox/env`` (``export`` lines, for ``. .sandbox/env``), and
+returns. A second ``up`` reuses what is running. ``down`` stops every process ``up`` started. ``status`` says
+whether it is up.
 
 Prometheus scrapes every ``*.json`` file-SD target list dropped into ``$BIRDWATCH_PROM_TARGETS``.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
@@ -21,7 +25,8 @@ from .controlplane import ControlPlane, KubeHTTP, StartupError, pid_alive, stop_
 from .pki import Pair
 from .promserver import PrometheusServer
 
-SANDBOX = REPO / ".sandbox"
+# BIRDWATCH_SANDBOX puts it elsewhere: the README's test runs a sandbox of its own beside a person's.
+SANDBOX = Path(os.environ.get("BIRDWATCH_SANDBOX") or REPO / ".sandbox")
 STATE = SANDBOX / "state.json"
 
 
@@ -90,15 +95,44 @@ def up() -> int:
     )
     kubectl = assets.kubectl or shutil.which("kubectl") or "kubectl"
     (SANDBOX / "env").write_text(
-        f"KUBECONFIG={kubeconfig}\n"
-        f"PROMETHEUS_URL={prometheus.url}\n"
-        f"BIRDWATCH_PROM_TARGETS={prometheus.targets_dir}\n"
-        f"KUBECTL={kubectl}\n"
+        env_file(
+            {
+                "KUBECONFIG": str(kubeconfig),
+                "PROMETHEUS_URL": prometheus.url,
+                "BIRDWATCH_PROM_TARGETS": str(prometheus.targets_dir),
+                "KUBECTL": str(kubectl),
+            }
+        )
     )
     print(f"sandbox up in {time.monotonic() - started:.1f}s: kube-apiserver {plane.url}, Prometheus {prometheus.url}")
     print(f"  source {SANDBOX / 'env'}   # KUBECONFIG, PROMETHEUS_URL, KUBECTL")
     print(f"  {kubectl} --kubeconfig {kubeconfig} get crd")
     return 0
+
+
+def env_file(variables: dict[str, str]) -> str:
+    """``export`` lines: sourced by a shell, the variables reach the programs it starts (``birdwatch run``
+    reads KUBECONFIG and PROMETHEUS_URL), and ``set -a`` is not needed."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in variables.items())
+
+
+def read_env(path: Path = SANDBOX / "env") -> dict[str, str] | None:
+    """The variables of an env file as ``env_file`` writes it (plain ``NAME=value`` lines are read too), or None
+    when there is none."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            words = words[1:]
+        for word in words:
+            name, sep, value = word.partition("=")
+            if sep and name:
+                values[name] = value
+    return values
 
 
 def down(*, quiet: bool = False) -> int:
@@ -109,8 +143,10 @@ def down(*, quiet: bool = False) -> int:
         return 0
     pids = state.get("pids", {})
     assert isinstance(pids, dict)
-    # Prometheus and the API server before etcd, so none of them logs a storm of lost-connection errors.
-    for name in ("prometheus", "kube-apiserver", "etcd"):
+    # The API server's clients first (controllers, kwok, Prometheus), then the API server, then etcd, so none of
+    # them logs a storm of lost-connection errors.
+    last = ("kube-apiserver", "etcd")
+    for name in [*(n for n in pids if n not in last), *last]:
         if name in pids:
             stop_pid(int(pids[name]))
     STATE.unlink(missing_ok=True)

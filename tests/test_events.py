@@ -20,6 +20,7 @@ from birdwatch.events import EventRecorder, ObjectRef
 from birdwatch.kube import Kube, Obj
 from envtest.assets import REPO, Assets
 from envtest.controlplane import ControlPlane
+from faultproxy import Scope, api_server_proxy
 from kit import Cluster, birdwatch
 
 STEPS = [10, 20, 30, 40, 50]
@@ -106,6 +107,36 @@ async def test_events_come_out_in_the_order_of_their_moments_per_birdwatch(
         assert [(r.reason, r.message) for r in rows] == rollout_rows(), (name, rows)
         # The test kit's order (firstTimestamp, then name) agrees with kubectl's.
         assert [(e["reason"], e["message"]) for e in await cluster.events(name)] == rollout_rows()
+
+
+async def test_a_slow_api_server_delays_each_birdwatch_in_turn_and_all_of_them_at_once(
+    cluster: Cluster, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Every Event POST waits 0.5 s at a proxy: one BirdWatch's Events go one after another (their order), while
+    eight BirdWatches are posted side by side: three Events each take about 1.5 s in all, not 12 s."""
+    names = [f"slow-{i}" for i in range(8)]
+    refs = [await bw(cluster, name) for name in names]
+    api, kubeconfig = await api_server_proxy(control_plane, tmp_path / "api-proxy")
+    kube = await Kube.connect(kubeconfig=str(kubeconfig))
+    recorder = EventRecorder(kube, workers=8)
+    try:
+        await recorder.start()
+        api.delay(0.5, scope=Scope("event posts", lambda call: call.method == "POST" and "/events" in call.path))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for step in ("RolloutStarted", "TrafficShifted", "Promoted"):
+            for ref in refs:
+                recorder.record(ref, type="Normal", reason=step, message=f"{step} of {ref.name}")
+        assert await recorder.flush(timeout=30)
+        took = loop.time() - started
+    finally:
+        await recorder.close()
+        await kube.close()
+        await api.close()
+    assert 1.5 <= took < 4.0, f"took {took:.2f} s"
+    assert recorder.dropped == 0
+    for name in names:
+        assert await cluster.reasons(name) == ["RolloutStarted", "TrafficShifted", "Promoted"], name
 
 
 async def test_the_same_event_again_adds_to_its_count_instead_of_making_another(

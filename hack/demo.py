@@ -4,8 +4,8 @@
 What runs:
 
 1. A fresh namespace ``demo-<random>`` on the sandbox's API server, with deploy/examples/aleph/ applied (all but the
-   BirdWatch) and a Deployment aleph-v05 beside them. No kubelet runs in the sandbox, so every Deployment is marked
-   available through its status subresource, as the Deployment controller would.
+   BirdWatch) and a Deployment aleph-v05 beside them. The sandbox's controller-manager, scheduler and kwok's fake
+   nodes make every Deployment available, through ReplicaSets and Pods, as on a cluster (no container runs).
 2. The mesh simulator (tests/meshsim, in this process) serving v03, v04 and v05, v05 answering 20 % of its requests
    with a 500, at 40 requests/s split by the VirtualService's current weights; Prometheus scrapes its Istio metrics.
 3. The real controller, ``.venv/bin/birdwatch run``, as a child process; its JSON log goes to
@@ -17,8 +17,8 @@ It shows a live line per canary (weight bar, the metric against its baseline, ph
 status), then a summary table. Exit 0 when A ends Promoted and B RolledBack, 1 otherwise, 2 when the sandbox is not
 there; 130/143 after SIGINT/SIGTERM, which stop birdwatch and the simulator (and nothing else).
 
-On success the demo's objects are deleted; after a failure, an interruption or with --keep they stay for a look. The
-namespace always stays: without a namespace controller (none runs in the sandbox) it could never finish deleting.
+On success the demo's namespace is deleted (the namespace controller deletes what is in it); after a failure, an
+interruption or with --keep it stays for a look.
 
 Run ``make sandbox-up`` first; ``--kubeconfig``, ``--prometheus-url`` and ``--targets-dir`` (all three) point it at
 another control plane and Prometheus instead (the tests do). The shell's $KUBECONFIG is never used: the demo creates
@@ -60,10 +60,11 @@ try:
         VIRTUALSERVICES,
         Kube,
         KubeError,
-        NotFound,
         Obj,
         Resource,
     )
+    from birdwatch.workload import deployment_available
+    from envtest.sandbox import read_env
     from meshsim import MeshSim, resolve
 except ImportError as missing:
     sys.exit(f"demo: {missing}; run it with the project's virtualenv: make install && .venv/bin/python hack/demo.py")
@@ -228,19 +229,6 @@ def table(rows: Sequence[Sequence[str]]) -> list[str]:
 # --- the sandbox ----------------------------------------------------------------------------------------------------
 
 
-def read_env_file(path: Path) -> dict[str, str] | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and key and not key.startswith("#"):
-            values[key] = value
-    return values
-
-
 def resolve_target(args: argparse.Namespace) -> Target:
     given = (args.kubeconfig, args.prometheus_url, args.targets_dir)
     if all(given):
@@ -248,7 +236,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
     elif any(given):
         raise DemoError("--kubeconfig, --prometheus-url and --targets-dir go together: give all three or none", code=2)
     else:
-        env = read_env_file(SANDBOX_ENV)
+        env = read_env(SANDBOX_ENV)
         if env is None:
             raise DemoError(f"the sandbox is not up ({SANDBOX_ENV} is missing): run `make sandbox-up` first", code=2)
         try:
@@ -338,30 +326,17 @@ def demo_metric(example_metric: str, namespace: str, version: str) -> str:
     return metric
 
 
-async def mark_available(kube: Kube, namespace: str, deployment: Obj) -> None:
-    """What the Deployment controller would report once every replica is up (no kubelet runs in the sandbox)."""
-    replicas = int(deployment["spec"].get("replicas", 1))
-    await kube.merge_patch(
-        DEPLOYMENTS,
-        namespace,
-        deployment["metadata"]["name"],
-        {
-            "status": {
-                "observedGeneration": deployment["metadata"].get("generation", 1),
-                "replicas": replicas,
-                "updatedReplicas": replicas,
-                "readyReplicas": replicas,
-                "availableReplicas": replicas,
-            }
-        },
-        subresource="status",
-    )
+async def wait_available(kube: Kube, namespace: str, names: Sequence[str], *, timeout: float = 60) -> None:
+    """Until the Deployment controller reports every one of them available, read as birdwatch reads it."""
 
+    async def available() -> bool:
+        for name in names:
+            ok, _ = deployment_available(await kube.get(DEPLOYMENTS, namespace, name))
+            if not ok:
+                return False
+        return True
 
-async def delete_objects(kube: Kube, namespace: str, objects: Sequence[Obj]) -> None:
-    for obj in reversed(objects):
-        with contextlib.suppress(NotFound):
-            await kube.delete(RESOURCES[obj["kind"]], namespace, obj["metadata"]["name"])
+    await eventually(f"Deployments {', '.join(names)} to be available", available, timeout=timeout)
 
 
 # --- the birdwatch process ------------------------------------------------------------------------------------------
@@ -503,7 +478,7 @@ class Demo:
         self.controller: Controller | None = None
         self.kube: Kube | None = None
         self.namespace = f"demo-{secrets.token_hex(3)}"
-        self.created: list[Obj] = []  # what to delete at the end, unless kept
+        self.created: list[Obj] = []  # what it made (deleting the namespace at the end deletes them all)
         self.stopping = False  # tearing down: a signal now must not cut the teardown short
 
     async def run(self) -> None:
@@ -532,13 +507,11 @@ class Demo:
         await kube.create(NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         stack.push_async_callback(self._delete_objects)
         for obj in applied:
-            body = await kube.create(RESOURCES[obj["kind"]], ns, obj)
-            self.created.append(body)
-            if obj["kind"] == "Deployment":
-                await mark_available(kube, ns, body)
+            self.created.append(await kube.create(RESOURCES[obj["kind"]], ns, obj))
+        await wait_available(kube, ns, [o["metadata"]["name"] for o in applied if o["kind"] == "Deployment"])
         say(
             f"> namespace {ns}: deploy/examples/aleph/ but the BirdWatch, and Deployment aleph-{FAILING}; "
-            "Deployments marked available"
+            "Deployments available (their pods run on the sandbox's fake nodes)"
         )
 
         sim = MeshSim(
@@ -723,7 +696,8 @@ class Demo:
         if self.report.keep_objects or self.kube is None:
             return
         with contextlib.suppress(KubeError):
-            await delete_objects(self.kube, self.report.namespace, self.created)
+            # The namespace controller deletes what is in it; the demo does not wait for that.
+            await self.kube.delete(NAMESPACES, None, self.report.namespace)
 
     def interrupt_again(self) -> None:
         """A signal while stopping: no more grace for birdwatch."""
@@ -808,7 +782,7 @@ def finish(report: Report, screen: Screen, error: DemoError | None, sig: signal.
         if report.keep_objects:
             say(f"objects kept in namespace {report.namespace} (kubectl get bw,vs,dr,deploy -n {report.namespace})")
         else:
-            say(f"the demo's objects are deleted; namespace {report.namespace} stays (--keep keeps them)")
+            say(f"namespace {report.namespace} and the demo's objects in it are deleted (--keep keeps them)")
     if sig is not None:
         say(f"demo interrupted ({sig.name}) after {took:.0f}s; every process it started is stopped")
         return 128 + int(sig)

@@ -181,10 +181,12 @@ class Credentials:
 
     kubernetes_asyncio's loaders know how to get a credential (run the exec plugin, read the token file, refresh
     OIDC, re-read the in-cluster token through ``refresh_api_key_hook``); this class decides when. A credential
-    with an expiry (an exec plugin's ``expirationTimestamp``) is refreshed in the background a fifth of its
-    lifetime (at most five minutes) before it ends, so requests do not wait for the plugin; a token file is
+    with an expiry (an exec plugin's ``expirationTimestamp``) is refreshed in the background, by a timer, a fifth
+    of its lifetime (at most five minutes) before it ends, so requests do not wait for the plugin; a token file is
     re-read when it changes; a 401 refreshes once for every request that carried the refused credential.
-    Refreshes are single-flight: hundreds of requests refused at once make one plugin call.
+    Refreshes are single-flight: hundreds of requests refused at once make one plugin call. (kubernetes_asyncio's
+    own ``refresh_token()`` is a loop on a fixed interval that knows neither the expiry nor a 401 nor a token
+    file; this calls the same loader method, ``load_and_set`` and through it ``load_from_exec_plugin``, when due.)
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class Credentials:
         self._file_seen = _file_identity(token_file)
         self._file_checked = time.monotonic()
         self._refreshing: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._refreshed_at = -1.0
         self._due = self._expires = float("inf")
         self._schedule(expiry)
@@ -209,7 +212,7 @@ class Credentials:
     async def authorization(self) -> str | None:
         """The header value (``Bearer ...``, ``Basic ...``), or None (a client certificate only)."""
         now = time.monotonic()
-        if now >= self._due:
+        if now >= self._due:  # the timer's refresh failed, or has not run yet
             if now >= self._expires:
                 await self._single_flight()  # expired: no point sending it
             else:
@@ -237,6 +240,8 @@ class Credentials:
         return self._current() != refused
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._refreshing is not None:
             self._refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -269,6 +274,7 @@ class Credentials:
             left = self._expires - time.monotonic()
             retry = min(5.0, max(0.5, left / 2)) if left > 0 else 1.0
             self._due = time.monotonic() + retry
+            self._set_timer(retry)
             log.warning("refreshing Kubernetes credentials failed", error=_one_line(exc), retry_in=retry)
             return
         finally:
@@ -279,11 +285,21 @@ class Credentials:
     def _schedule(self, expiry: datetime.datetime | None) -> None:
         if expiry is None or self._reload is None:
             self._due = self._expires = float("inf")
+            self._set_timer(None)
             return
         lifetime = (expiry - datetime.datetime.now(datetime.UTC)).total_seconds()
+        ahead = lifetime - min(300.0, max(lifetime, 0.0) / 5)
         now = time.monotonic()
-        self._expires = now + lifetime
-        self._due = now + lifetime - min(300.0, max(lifetime, 0.0) / 5)
+        self._expires, self._due = now + lifetime, now + ahead
+        self._set_timer(ahead)
+
+    def _set_timer(self, delay: float | None) -> None:
+        # A timer, not a task: nothing waits while the credential is good, and close() cancels it.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = (
+            None if delay is None else asyncio.get_running_loop().call_later(max(delay, 0.0), self._start_refresh)
+        )
 
 
 def _file_identity(path: Path | None) -> tuple[int, int, int] | None:
@@ -351,7 +367,7 @@ class Kube:
             try:
                 k8s_config.load_incluster_config(client_configuration=configuration, environ=env)  # type: ignore[no-untyped-call]
             except k8s_config.ConfigException as exc:
-                in_cluster = f"not in a cluster ({exc})"
+                in_cluster = f"not in a cluster ({str(exc).rstrip('.')})"
             else:
 
                 async def reload_in_cluster() -> None:
@@ -362,7 +378,7 @@ class Kube:
             home = Path(env.get("HOME") or Path.home()) / ".kube" / "config"
             if not home.exists():
                 raise ConfigError(
-                    f"no Kubernetes credentials: {in_cluster.rstrip('.')}, and {home} does not exist; "
+                    f"no Kubernetes credentials: {in_cluster}, and {home} does not exist; "
                     "name a kubeconfig with --kubeconfig or $KUBECONFIG"
                 )
             origin, paths = str(home), [str(home)]

@@ -6,6 +6,10 @@ an ``authentication.k8s.io/v1`` TokenReview (``--authentication-token-webhook-co
 for ``CACHE_TTL``. The server speaks HTTPS with the harness's own CA. Tokens are registered by the test
 (``allow``/``revoke``) or by a process outside it, such as a kubeconfig exec plugin, with a POST to ``/tokens``.
 A valid token's user is in ``system:masters`` unless the test says otherwise, so RBAC lets it do anything.
+
+kube-apiserver also keeps every *successful* authentication for 10 s, whatever the webhook's TTL (a built-in cache
+without a flag; it says so in its log at start): a token that has worked goes on working up to 10 s after it was
+revoked or ended. A test that needs a refusal at once uses a token the API server has never accepted.
 """
 
 from __future__ import annotations

@@ -13,14 +13,18 @@ What it speaks, as Slack does:
   ``channel_not_found`` (when an allow-list of channels is given), ``no_text``, ``invalid_blocks``, ``invalid_json``,
   ``unknown_method``.
 * ``chat.postMessage`` answers ``{"ok": true, "channel": "C…", "ts": "1700000000.000100", "message": {…}}``;
-  ``auth.test`` answers with the fake team and bot.
+  with ``thread_ts`` it is a reply in that thread (``thread_not_found`` when no such message); the channel may be
+  named or given by the ID an earlier answer gave.
+* ``chat.update`` (``channel`` must be the ID, as Slack wants it) replaces a message's text and blocks
+  (``message_not_found``, ``channel_not_found``); every update is in ``updates``.
+* ``auth.test`` answers with the fake team and bot.
 
 Faults a test can switch on: ``rate_limit_next(n, retry_after=1)`` (HTTP 429 with a Retry-After header, as Slack
 rate-limits), ``fail_next(n, status=500)`` (server errors), ``delay(seconds)`` (a slow Slack). Every request received
 is in ``requests`` (with the time it arrived and the status it got), every accepted message in ``messages``.
 
     async with FakeSlack(token="xoxb-test", channels=["deployment"]) as slack:
-        notifier = SlackNotifier(token="xoxb-test", base_url=slack.base_url)
+        notifier = SlackNotifier(token="xoxb-test", base_url=slack.base_url)  # birdwatch.notifiers.slack
         ...
         [message] = await slack.wait_for_messages(1)
 """
@@ -52,6 +56,18 @@ class PostedMessage:
     blocks: list[dict[str, Any]] | None
     ts: str
     content_type: str
+    thread_ts: str | None = None
+    """The parent's ts when the message is a reply in a thread."""
+
+
+@dataclass(frozen=True)
+class UpdatedMessage:
+    """A chat.update that Slack accepted."""
+
+    channel: str
+    ts: str
+    text: str | None
+    blocks: list[dict[str, Any]] | None
 
 
 @dataclass
@@ -84,6 +100,8 @@ class FakeSlack:
         self.token = token
         self.channels = None if channels is None else {c.lstrip("#") for c in channels}
         self.messages: list[PostedMessage] = []
+        self.updates: list[UpdatedMessage] = []
+        self._ids: dict[str, str] = {}  # channel ID -> name, for the IDs the answers gave out
         self.requests: list[ReceivedRequest] = []
         self._host = host
         self._faults = _Faults()
@@ -244,6 +262,8 @@ class FakeSlack:
             )
         if method == "chat.postMessage":
             return self._post_message(body, request.content_type)
+        if method == "chat.update":
+            return self._update(body)
         return _Answer({"ok": False, "error": "unknown_method", "req_method": method})
 
     async def _read_body(self, request: web.Request) -> tuple[dict[str, Any], str | None]:
@@ -281,17 +301,15 @@ class FakeSlack:
         channel = body.get("channel")
         if not isinstance(channel, str) or not channel:
             return _error("channel_not_found")
-        name = channel.lstrip("#")
+        name = self._ids.get(channel, channel.lstrip("#"))
         if self.channels is not None and name not in self.channels:
             return _error("channel_not_found")
-        blocks = body.get("blocks")
-        if isinstance(blocks, str):  # a form field carries blocks JSON-encoded
-            try:
-                blocks = json.loads(blocks)
-            except ValueError:
-                return _error("invalid_blocks")
-        if blocks is not None and not (isinstance(blocks, list) and all(isinstance(b, dict) for b in blocks)):
-            return _error("invalid_blocks")
+        thread_ts = body.get("thread_ts") or None
+        if thread_ts is not None and not any(m.ts == thread_ts and m.channel == name for m in self.messages):
+            return _error("thread_not_found")
+        blocks, error = _blocks(body)
+        if error is not None:
+            return _error(error)
         text = body.get("text")
         if text is not None and not isinstance(text, str):
             text = str(text)
@@ -299,7 +317,9 @@ class FakeSlack:
             return _error("no_text")
         ts = f"{1_700_000_000 + self._seq // 1_000_000}.{self._seq % 1_000_000:06d}"
         self._seq += 1
-        self.messages.append(PostedMessage(channel=name, text=text, blocks=blocks, ts=ts, content_type=content_type))
+        self.messages.append(
+            PostedMessage(channel=name, text=text, blocks=blocks, ts=ts, content_type=content_type, thread_ts=thread_ts)
+        )
         message: dict[str, Any] = {
             "type": "message",
             "subtype": "bot_message",
@@ -308,9 +328,33 @@ class FakeSlack:
             "bot_id": "B0BIRDWATCH",
             "ts": ts,
         }
+        if thread_ts is not None:
+            message["thread_ts"] = thread_ts
         if blocks:
             message["blocks"] = blocks
-        return _Answer({"ok": True, "channel": _channel_id(name), "ts": ts, "message": message})
+        channel_id = _channel_id(name)
+        self._ids[channel_id] = name
+        return _Answer({"ok": True, "channel": channel_id, "ts": ts, "message": message})
+
+    def _update(self, body: dict[str, Any]) -> _Answer:
+        channel, ts = body.get("channel"), body.get("ts")
+        if not isinstance(channel, str) or channel not in self._ids:
+            return _error("channel_not_found")  # chat.update takes the channel's ID only
+        name = self._ids[channel]
+        if not any(m.ts == ts and m.channel == name for m in self.messages):
+            return _error("message_not_found")
+        blocks, error = _blocks(body)
+        if error is not None:
+            return _error(error)
+        text = body.get("text")
+        if not text and not blocks:
+            return _error("no_text")
+        self.updates.append(UpdatedMessage(channel=name, ts=str(ts), text=text, blocks=blocks))
+        return _Answer({"ok": True, "channel": channel, "ts": ts, "text": text or ""})
+
+    def thread(self, ts: str) -> list[PostedMessage]:
+        """The replies in the thread of the message ``ts``, in order."""
+        return [m for m in self.messages if m.thread_ts == ts]
 
 
 @dataclass(frozen=True)
@@ -318,6 +362,18 @@ class _Answer:
     payload: dict[str, Any]
     status: int = 200
     headers: dict[str, str] | None = None
+
+
+def _blocks(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
+    blocks = body.get("blocks")
+    if isinstance(blocks, str):  # a form field carries blocks JSON-encoded
+        try:
+            blocks = json.loads(blocks)
+        except ValueError:
+            return None, "invalid_blocks"
+    if blocks is not None and not (isinstance(blocks, list) and all(isinstance(b, dict) for b in blocks)):
+        return None, "invalid_blocks"
+    return blocks, None
 
 
 def _error(code: str) -> _Answer:

@@ -18,6 +18,7 @@ import structlog
 
 from birdwatch.notifiers.hub import make_notifier
 from birdwatch.notifiers.slack import SlackNotifier
+from birdwatch.notifiers.threads import MemoryThreads
 from birdwatch.notify import Moment, Notice, NullNotifier
 from slackfake import FakeSlack
 
@@ -431,3 +432,53 @@ async def test_a_birdwatch_without_a_readable_spec_is_still_announced_sensibly(
 
     [message] = await slack.wait_for_messages(1)
     assert message.text == ":x: *shop/reviews*: rollout failed. spec.metric is missing (value 0.31 vs baseline 0.02)"
+
+
+# --- a thread per rollout ------------------------------------------------------------------------------------------
+
+
+async def test_a_rollout_is_one_thread_whose_first_message_is_updated_at_the_end(
+    slack: FakeSlack, notifiers: MakeNotifier
+) -> None:
+    notifier = await notifiers()
+    rollout = {"uid": "8d3e6a52-0000-4000-8000-000000000001", "generation": 2}
+    notifier.notify(notice(Moment.STARTED, weight=0, **rollout))
+    notifier.notify(notice(Moment.STEP, weight=10, **rollout))
+    notifier.notify(notice(Moment.CHECK_FAILED, weight=10, **rollout))
+    notifier.notify(notice(Moment.UNHEALTHY, weight=10, **rollout))
+    notifier.notify(notice(Moment.ROLLED_BACK, weight=0, **rollout))
+    # Another BirdWatch, and the same one's next generation: threads of their own.
+    notifier.notify(notice(Moment.STARTED, name="ratings", **rollout))
+    notifier.notify(notice(Moment.STARTED, weight=0, **{**rollout, "generation": 3}))
+    await notifier.close()
+
+    parent, *replies, ratings, next_generation = slack.messages
+    assert parent.thread_ts is None
+    assert [r.thread_ts for r in replies] == [parent.ts] * 4
+    assert [r.text is not None and r.text.split(" ", 1)[0] for r in replies] == [
+        ":arrow_up:",
+        ":mag:",
+        ":warning:",
+        ":rewind:",
+    ]
+    assert (ratings.thread_ts, next_generation.thread_ts) == (None, None)
+    [update] = slack.updates
+    assert update.ts == parent.ts
+    assert update.text == replies[-1].text
+    assert (update.text or "").startswith(":rewind: *shop/reviews*: canary v2.3.1 of reviews-vs at 0% — rolled back")
+
+
+async def test_a_new_notifier_with_the_same_store_goes_on_in_the_same_thread(slack: FakeSlack) -> None:
+    # What a restart does with the annotation on the BirdWatch (tests/test_notifiers.py runs the real one).
+    store = MemoryThreads()
+    rollout = {"uid": "8d3e6a52-0000-4000-8000-000000000002", "generation": 1}
+    for moments in ((Moment.STARTED, Moment.STEP), (Moment.STEP, Moment.PROMOTED)):
+        notifier = SlackNotifier(token=TOKEN, channel=CHANNEL, base_url=slack.base_url, threads=store)
+        await notifier.start()
+        for moment in moments:
+            notifier.notify(notice(moment, **rollout))
+        await notifier.close()
+
+    parent, *replies = slack.messages
+    assert [r.thread_ts for r in replies] == [parent.ts] * 3
+    assert [u.ts for u in slack.updates] == [parent.ts]

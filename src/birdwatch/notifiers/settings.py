@@ -139,10 +139,10 @@ def _one(item: dict[str, Any], where: str) -> NotifierSettings:
             host=host, port=port, security=security, username=username, password=password, ca_file=ca_file
         )
         return NotifierSettings(**common, smtp=smtp, sender=sender, to=tuple(to))
+    if ("url" in item) == ("url_file" in item):
+        raise ConfigError(f"{where}: give exactly one of 'url' and 'url_file'")
     url = _url(item.get("url"), where, "url")
     from_file = _secret(item, "url_file", where, required=False)
-    if (url is None) == (from_file is None):
-        raise ConfigError(f"{where}: give exactly one of 'url' and 'url_file'")
     url = url or _url(from_file, where, "the URL in url_file")
     secret = _secret(item, "secret_file", where, required=False) if kind == "webhook" else None
     return NotifierSettings(**common, url=url, channel=_text(item, "channel", where), secret=secret)

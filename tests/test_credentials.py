@@ -16,7 +16,15 @@ import pytest
 import yaml
 
 from birdwatch.errors import ConfigError
-from birdwatch.kube import VIRTUALSERVICES, Forbidden, Kube, KubeError, Unauthorized, proxy_from_environment
+from birdwatch.kube import (
+    VIRTUALSERVICES,
+    Forbidden,
+    Kube,
+    KubeError,
+    Resource,
+    Unauthorized,
+    proxy_from_environment,
+)
 from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
@@ -259,6 +267,41 @@ async def test_a_token_file_is_read_again_when_it_changes(
         await asyncio.sleep(1.1)  # the file is looked at (one stat) at most once a second
         await kube.get(VIRTUALSERVICES, namespace, "aleph")
         assert ("file-token-2", True) in tokens.reviews()
+        assert kube.credentials.refreshes == 1
+    finally:
+        await kube.close()
+
+
+SELF_SUBJECT_REVIEWS = Resource("authentication.k8s.io", "v1", "selfsubjectreviews", "SelfSubjectReview", False)
+
+
+async def test_in_cluster_credentials_are_read_again_after_a_401(
+    tmp_path: Path, control_plane: ControlPlane, namespace: str, admin_http: KubeHTTP
+) -> None:
+    """A pod's service-account files, with the token rotated (as the kubelet does) after birdwatch read it: the
+    401 makes it read the file again at once (kubernetes_asyncio's own hook would in a minute)."""
+    folder = tmp_path / "serviceaccount"
+    folder.mkdir()
+    (folder / "ca.crt").write_bytes(control_plane.ca.read_bytes())
+    (folder / "token").write_text("a-token-the-api-server-never-issued")
+    env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(control_plane.api_port)}
+    kube = await Kube.connect(kubeconfig=None, env=env, service_account=folder)
+    try:
+        assert kube.host == control_plane.url
+        admin_http.apply(
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bw", "namespace": namespace}}
+        )
+        status, body = admin_http.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/bw/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 600}},
+        )
+        assert status == 201, body
+        (folder / "token").write_text(body["status"]["token"])
+        review = await kube.create(
+            SELF_SUBJECT_REVIEWS, None, {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        )
+        assert review["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:bw"
         assert kube.credentials.refreshes == 1
     finally:
         await kube.close()

@@ -37,6 +37,7 @@ from .errors import ConfigError
 
 Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")  # where the kubelet puts a pod's token
 
 log = structlog.get_logger("birdwatch.kube")
 
@@ -353,10 +354,17 @@ class Kube:
         context: str | None = None,
         pool_size: int = 64,
         env: Mapping[str, str] | None = None,
+        service_account: Path = SERVICE_ACCOUNT,
     ) -> Kube:
         """Credentials as controller-runtime finds them: ``kubeconfig``, else ``$KUBECONFIG`` (a list of files,
-        merged as kubectl merges them), else in-cluster, else ``~/.kube/config``. Raises ConfigError."""
+        merged as kubectl merges them), else in-cluster (``$KUBERNETES_SERVICE_HOST`` and the ``token`` and
+        ``ca.crt`` in ``service_account``), else ``~/.kube/config``. Raises ConfigError."""
         env = os.environ if env is None else env
+        in_cluster_files = {
+            "environ": env,
+            "token_filename": str(service_account / "token"),
+            "cert_filename": str(service_account / "ca.crt"),
+        }
         configuration = k8s.Configuration()
         if kubeconfig:
             origin, paths = f"--kubeconfig {kubeconfig}", [kubeconfig]
@@ -365,14 +373,14 @@ class Kube:
             origin, paths = f"$KUBECONFIG {value}", [p for p in value.split(os.pathsep) if p.strip()]
         else:
             try:
-                k8s_config.load_incluster_config(client_configuration=configuration, environ=env)  # type: ignore[no-untyped-call]
+                k8s_config.load_incluster_config(client_configuration=configuration, **in_cluster_files)  # type: ignore[no-untyped-call]
             except k8s_config.ConfigException as exc:
                 in_cluster = f"not in a cluster ({str(exc).rstrip('.')})"
             else:
 
                 async def reload_in_cluster() -> None:
                     # Forced after a 401; the refresh hook the loader installs re-reads the token every minute.
-                    k8s_config.load_incluster_config(client_configuration=configuration, environ=env)  # type: ignore[no-untyped-call]
+                    k8s_config.load_incluster_config(client_configuration=configuration, **in_cluster_files)  # type: ignore[no-untyped-call]
 
                 return cls._build(configuration, "in-cluster credentials", pool_size, env, reload=reload_in_cluster)
             home = Path(env.get("HOME") or Path.home()) / ".kube" / "config"

@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed ## virtual env in .venv/ with birdwatch and its test tools (.venv/bin/birdwatch)
 
-assets: ## build (once) and cache kube-apiserver, etcd and kubectl; fetch Istio's CRDs; make sure of Prometheus
+assets: ## build (once) and cache the control plane's binaries and kwok; fetch Istio's CRDs; make sure of Prometheus
 	bash hack/install-control-plane.sh >/dev/null
 
 lint: install ## ruff and mypy --strict
@@ -37,7 +37,7 @@ test: install assets lint wheel-check ## everything: lint, the wheel's install, 
 wheel-check: ## the container image's install steps without Docker: wheel into a clean venv, --version, run --help
 	bash hack/check-wheel.sh
 
-sandbox-up: install assets ## start etcd, kube-apiserver and Prometheus in the background (.sandbox/env says where)
+sandbox-up: install assets ## etcd, kube-apiserver, controller-manager, scheduler, kwok nodes, Prometheus in the background (.sandbox/env)
 	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox up
 
 demo: sandbox-up ## two canaries on the sandbox with the real birdwatch: v04 promoted, v05 rolled back (~50 s; log in .demo/)
@@ -55,5 +55,5 @@ clean: sandbox-down ## stop the sandbox and remove local state (keeps .venv/ and
 bench: install assets ## the benchmark: 10, 100 and 500 concurrent canaries on the sandbox (results in bench/results/)
 	$(BIN)/python bench/bench.py
 
-soak: install assets ## 50 canaries through injected faults for ~10 minutes: wrong endings, RSS and tasks (CI runs it)
+soak: install assets ## 50 canaries through faults and leader kills for ~10 minutes: wrong endings, failover (CI runs it)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)

@@ -1,14 +1,22 @@
-"""`make soak`: 50 canaries, rollout after rollout, through injected faults for about ten minutes.
+"""`make soak`: 50 canaries, rollout after rollout, through injected faults and leader kills for about ten minutes.
 
-birdwatch runs as its own process behind two fault-injecting proxies (tests/faultproxy.py): 10 % of its API
-requests fail (500, 503, 429, or hang until its timeout), its watch is cut every 20 s, and Prometheus is down for
-1.5 s every 45 s. Every BirdWatch that ends is given a new canary version, so it starts over; one in ten turns
-unhealthy and must roll back. The weights are recorded from a watch of our own, straight to the API server.
+Two birdwatch replicas run as their own processes with ``--leader-elect``, behind two fault-injecting proxies
+(tests/faultproxy.py): 10 % of their API requests fail (500, 503, 429, or hang until their timeout), their watches
+are cut every 20 s, and Prometheus is down for 1.5 s every 45 s. Every 20-60 s (seeded, so every run kills at the same
+moments) the leader is SIGKILLed and started again at once, as a standby; the other replica must take over from the
+rollout records. Every BirdWatch that ends is given a new canary version, so it starts over; one in ten turns
+unhealthy and must roll back. The canaries' Deployments become available through the harness's real controllers.
+The weights, the rollout records and the Lease are followed from watches of our own, straight to the API server.
 
-At the end it reports: faults injected, rollouts run, rollouts that ended wrong (wrong phase, a weight that did not
-rise by exactly `increment`, or went above `max_weight`), RSS and asyncio tasks after the warm-up and at the end,
-and the error lines in birdwatch's log. It exits non-zero if any rollout ended wrong, if memory or tasks grew, or
-if birdwatch logged an error.
+Each rollout's metric starts at its own value and is moved (within ``deviation`` for a healthy canary) once the
+baseline is taken, so a baseline taken a second time would read a different value and be seen.
+
+At the end it reports: faults and kills, rollouts ended right and wrong (wrong phase, a weight that fell back or
+jumped more than one increment, or went above ``max_weight``), baselines retaken, failover time (leader killed ->
+the next traffic write, by the replica that took the Lease) p50 / p99, RSS (per process: none lives long, so it is
+reported, not judged), asyncio tasks of the idle leader at the start and at the end, and the error lines in the
+replicas' logs. It exits non-zero if any rollout ended wrong or did not end, a baseline was retaken, tasks grew, or a
+replica logged an error.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import asyncio
 import itertools
 import json
 import os
+import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,16 +40,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Kube, KubeError  # noqa: E402
+from birdwatch.kube import BIRDWATCHES, LEASES, VIRTUALSERVICES, Kube, KubeError  # noqa: E402
+from birdwatch.router import Record  # noqa: E402
 from envtest.assets import ensure_assets  # noqa: E402
 from envtest.controlplane import ControlPlane, free_port  # noqa: E402
 from envtest.exporter import Exporter  # noqa: E402
 from envtest.promserver import PrometheusServer  # noqa: E402
 from faultproxy import NOT_WATCHES, FaultProxy, api_server_proxy  # noqa: E402
-from kit import deployment, make_available  # noqa: E402
+from kit import deployment, follow_objects, wait_available  # noqa: E402
 
 NAMESPACE = "soak"
 INCREMENT, MAX_WEIGHT, INTERVAL = 10, 50, 2
+START_VALUE, HEALTHY_SHIFT, BAD_VALUE, DEVIATION = 0.1, 0.2, 5.0, 0.5
+KILL_EVERY = (20.0, 60.0)
+# Leader election as fast as the faults allow: a renewal may hang until its timeout, so the renew deadline leaves
+# room for several tries within it.
+LEASE_FLAGS = ["--lease-duration", "5", "--renew-deadline", "4", "--retry-period", "0.5"]
 
 
 @dataclass
@@ -50,6 +66,62 @@ class Rollout:
     id: str = ""
     weights: list[int] = field(default_factory=lambda: [0])
     phase: str = ""
+    baselines: list[float] = field(default_factory=list)  # distinct baselines in its records, in order
+    shifted: bool = False  # the metric was moved after the baseline
+
+
+class Replica:
+    """One birdwatch process slot: started again, under a new identity, each time it is killed."""
+
+    def __init__(self, slot: str, argv: list[str], workdir: Path) -> None:
+        self.slot, self.argv, self.workdir = slot, argv, workdir
+        self.generation = 0
+        self.health = 0
+        self.identity = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    def start(self) -> None:
+        self.generation += 1
+        self.identity = f"soak-{self.slot}-{self.generation}"
+        self.health = free_port()
+        log = self.workdir / f"birdwatch-{self.identity}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *self.argv,
+                    *("--health-address", f"127.0.0.1:{self.health}"),
+                    *("--leader-elect", "--leader-elect-namespace", NAMESPACE),
+                    *("--leader-elect-identity", self.identity),
+                    *LEASE_FLAGS,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "SLACK_API_TOKEN": ""},
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def canary_weight(vs: dict[str, Any]) -> int:
@@ -104,7 +176,7 @@ def scrape(port: int, metric: str) -> float:
     return float("nan")
 
 
-async def soak(minutes: float, canaries: int, workdir: Path) -> int:
+async def soak(minutes: float, canaries: int, workdir: Path, *, seed: int = 11) -> int:
     assets = ensure_assets()
     plane = ControlPlane(workdir / "controlplane", assets)
     plane.start()
@@ -117,56 +189,65 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
     for name in names:
         for obj in objects(name):
             api.apply(obj)
-            if obj["kind"] == "Deployment":
-                make_available(api, NAMESPACE, obj["metadata"]["name"])
+    # The harness's controller-manager, scheduler and kwok make the canaries' Deployments available.
+    wait_available(api, NAMESPACE, *(f"{name}-{v}" for name in names for v in ("v2", "v3")), timeout=120)
 
     api_proxy, kubeconfig = await api_server_proxy(plane, workdir / "proxy", seed=7)
     prom_proxy = await FaultProxy(prometheus.url, seed=8, name="prometheus proxy").start()
-    health = free_port()
-    log_path = workdir / "birdwatch.log"
-    log_file = log_path.open("w")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before the soak
-        [
-            str(REPO / ".venv" / "bin" / "birdwatch"),
-            "run",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--prometheus-url",
-            prom_proxy.url,
-            "--namespace",
-            NAMESPACE,
-            "--health-address",
-            f"127.0.0.1:{health}",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            "--watch-read-timeout",
-            "30",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "SLACK_API_TOKEN": ""},
-    )
+    argv = [
+        str(REPO / ".venv" / "bin" / "birdwatch"),
+        "run",
+        *("--kubeconfig", str(kubeconfig)),
+        *("--prometheus-url", prom_proxy.url),
+        *("--namespace", NAMESPACE),
+        *("--log-format", "json", "--log-level", "info"),
+        *("--watch-read-timeout", "30"),
+    ]
+    replicas = {slot: Replica(slot, argv, workdir) for slot in ("a", "b")}
+    for replica in replicas.values():
+        replica.start()
     kube = await Kube.connect(kubeconfig=str(plane.kubeconfig))
     current: dict[str, Rollout] = {}
     finished: list[Rollout] = []
     rng_bad = {name: i % 10 == 0 for i, name in enumerate(names)}
+    rng = random.Random(seed)  # noqa: S311 - the kill moments, not a secret
+    holder = ""
+    lease_changes: list[tuple[float, str]] = []  # (when, new holder)
+    writes: list[float] = []  # when each traffic write was seen
+    kills: list[tuple[float, str]] = []  # (when, identity killed)
+    rss_at_kill: list[float] = []
+    last_weight: dict[str, int] = {}
 
-    async def follow() -> None:
-        _, rv = await kube.list(VIRTUALSERVICES, NAMESPACE)
-        while True:
-            try:
-                async for event in kube.watch(VIRTUALSERVICES, NAMESPACE, resource_version=rv):
-                    rv = event.object["metadata"].get("resourceVersion", rv)
-                    if event.type != "MODIFIED":
-                        continue
-                    rollout = current.get(event.object["metadata"]["name"])
-                    weight = canary_weight(event.object)
-                    if rollout is not None and rollout.weights[-1] != weight:
-                        rollout.weights.append(weight)
-            except KubeError:
-                await asyncio.sleep(0.2)
+    def see_vs(obj: dict[str, Any]) -> None:
+        now = time.monotonic()
+        name = obj["metadata"]["name"]
+        weight = canary_weight(obj)
+        if last_weight.get(name, weight) != weight:
+            writes.append(now)
+        last_weight[name] = weight
+        rollout = current.get(name)
+        if rollout is None:
+            return
+        if rollout.weights[-1] != weight:
+            rollout.weights.append(weight)
+        record = Record.parse(obj)
+        if (
+            record is not None
+            and record.canary == rollout.version
+            and not record.done
+            and record.baseline is not None
+            and (not rollout.baselines or rollout.baselines[-1] != record.baseline)
+        ):
+            rollout.baselines.append(record.baseline)
+
+    def see_lease(obj: dict[str, Any]) -> None:
+        nonlocal holder
+        if obj["metadata"]["name"] != "birdwatch":
+            return
+        now_holder = str((obj.get("spec") or {}).get("holderIdentity") or "")
+        if now_holder != holder:
+            holder = now_holder
+            lease_changes.append((time.monotonic(), now_holder))
 
     serial = iter(range(1, 1_000_000))
 
@@ -174,13 +255,14 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
         bad = rng_bad[name]
         # Each rollout reads a series of its own, so no value of an earlier rollout can reach its baseline.
         rollout_id = str(next(serial))
+        exporter.set_gauge("soak_errors", START_VALUE, svc=name, rollout=rollout_id)
         spec = {
             "service": name,
             "canary_version": version,
             "increment": INCREMENT,
             "interval": INTERVAL,
             "max_weight": MAX_WEIGHT,
-            "deviation": 0.5,
+            "deviation": DEVIATION,
             "failure_threshold": 2,
             "metric": f'max(soak_errors{{svc="{name}",rollout="{rollout_id}"}})',
         }
@@ -194,32 +276,53 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
                 {"apiVersion": "otomato.link/v1alpha1", "kind": "BirdWatch", "metadata": {"name": name}, "spec": spec},
             )
 
-    follower = asyncio.create_task(follow())
-    await asyncio.sleep(1.0)
+    def leader() -> Replica | None:
+        return next((r for r in replicas.values() if r.identity == holder), None)
+
+    followers = [
+        asyncio.create_task(follow_objects(kube, VIRTUALSERVICES, NAMESPACE, see_vs)),
+        asyncio.create_task(follow_objects(kube, LEASES, NAMESPACE, see_lease)),
+    ]
+    final: dict[str, float] = {}
+    idle: dict[str, float] = {}
     try:
+        deadline = time.monotonic() + 60
+        while leader() is None:
+            if time.monotonic() > deadline:
+                print("no replica took the Lease within 60 s", flush=True)
+                return 1
+            await asyncio.sleep(0.2)
+        first = leader()
+        assert first is not None
+        await asyncio.sleep(2.0)  # its watch is up and idle
+        idle = {"rss_kb": rss_kb(first.proc.pid), "tasks": scrape(first.health, "birdwatch_asyncio_tasks")}  # type: ignore[union-attr]
+        print(f"idle leader: RSS {idle['rss_kb'] / 1024:.1f} MB, asyncio tasks {idle['tasks']:.0f}", flush=True)
         for name in names:
             await start(name, "v2")
         began = time.monotonic()
-        warm = began + 60.0
         end = began + minutes * 60.0
-        baseline: dict[str, float] = {}
         next_outage = began + 45.0
+        next_kill = began + rng.uniform(*KILL_EVERY)
         api_proxy.error_rate(0.10, scope=NOT_WATCHES)
         api_proxy.cut_watches_every(20.0)
         while time.monotonic() < end or current:
             now = time.monotonic()
-            if not baseline and now >= warm:
-                baseline = {"rss_kb": rss_kb(proc.pid), "tasks": scrape(health, "birdwatch_asyncio_tasks")}
-                print(
-                    f"after warm-up: RSS {baseline['rss_kb'] / 1024:.1f} MB, asyncio tasks {baseline['tasks']:.0f}",
-                    flush=True,
-                )
             if now >= next_outage and now < end:
                 prom_proxy.down(seconds=1.5)
                 next_outage = now + 45.0
-            if proc.poll() is not None:
-                print(f"birdwatch exited with {proc.returncode}", flush=True)
-                return 1
+            if now >= next_kill and now < end:
+                victim = leader()
+                if victim is not None and victim.proc is not None and victim.proc.poll() is None:
+                    rss_at_kill.append(rss_kb(victim.proc.pid) / 1024)
+                    kills.append((time.monotonic(), victim.identity))
+                    victim.kill()
+                    victim.start()  # at once: it comes back as the standby
+                next_kill = now + rng.uniform(*KILL_EVERY)
+            for replica in replicas.values():
+                assert replica.proc is not None
+                if replica.proc.poll() is not None:
+                    print(f"birdwatch {replica.identity} exited with {replica.proc.returncode}", flush=True)
+                    return 1
             items, _ = await kube.list(BIRDWATCHES, NAMESPACE)
             for obj in items:
                 name = obj["metadata"]["name"]
@@ -227,8 +330,12 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
                 status = obj.get("status") or {}
                 if rollout is None or status.get("observedGeneration") != obj["metadata"]["generation"]:
                     continue
-                if rollout.bad and status.get("phase") == "Progressing" and status.get("baseline") is not None:
-                    exporter.set_gauge("soak_errors", 5.0, svc=name, rollout=rollout.id)
+                if not rollout.shifted and status.get("phase") == "Progressing" and status.get("baseline") is not None:
+                    # Move the metric once the baseline is taken: a healthy canary stays within the deviation, a
+                    # bad one goes far past it; a baseline taken again would read the moved value.
+                    value = BAD_VALUE if rollout.bad else float(status["baseline"]) + HEALTHY_SHIFT
+                    exporter.set_gauge("soak_errors", value, svc=name, rollout=rollout.id)
+                    rollout.shifted = True
                 if status.get("phase") in ("Promoted", "RolledBack", "Frozen", "Failed"):
                     rollout.phase = status["phase"]
                     finished.append(current.pop(name))
@@ -241,15 +348,14 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
         api_proxy.reset()
         prom_proxy.reset()
         await asyncio.sleep(3.0)
-        final = {"rss_kb": rss_kb(proc.pid), "tasks": scrape(health, "birdwatch_asyncio_tasks")}
+        last = leader()
+        if last is not None and last.proc is not None:
+            final = {"rss_kb": rss_kb(last.proc.pid), "tasks": scrape(last.health, "birdwatch_asyncio_tasks")}
     finally:
-        follower.cancel()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log_file.close()
+        for task in followers:
+            task.cancel()
+        for replica in replicas.values():
+            replica.stop()
         await kube.close()
         await api_proxy.close()
         await prom_proxy.close()
@@ -258,41 +364,80 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
         plane.stop()
 
     wrong = []
+    right = 0
+    fell_back = jumped = 0
+    retaken = 0
     for r in finished + list(current.values()):
         expected = "RolledBack" if r.bad else "Promoted"
         steps = r.weights
         # Both endings drop the canary subset to 0 (promotion repoints production at the canary's version first);
         # before that, every change is one increment up from 0, never past max_weight.
         rising = steps[:-1]
+        backs = sum(1 for a, b in itertools.pairwise(rising) if b < a)
+        jumps = sum(1 for a, b in itertools.pairwise(rising) if b - a > INCREMENT)
+        fell_back += backs
+        jumped += jumps
+        retaken += max(0, len(r.baselines) - 1)
         ok = (
             r.phase == expected
             and steps[-1] == 0
             and all(b - a == INCREMENT for a, b in itertools.pairwise(rising))
             and max(steps) <= MAX_WEIGHT
             and (r.phase != "Promoted" or rising[-1] == MAX_WEIGHT)
+            and len(r.baselines) <= 1
         )
-        if not ok:
-            wrong.append({"name": r.name, "version": r.version, "phase": r.phase, "weights": steps})
-    errors = []
-    for line in log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            errors.append(line[:200])
+        if ok:
+            right += 1
+        else:
+            wrong.append(
+                {"name": r.name, "version": r.version, "phase": r.phase, "weights": steps, "baselines": r.baselines}
+            )
+    failovers = []
+    for killed_at, identity in kills:
+        taken = next((t for t, h in lease_changes if t > killed_at and h and h != identity), None)
+        if taken is None:
             continue
-        if entry.get("level") in ("error", "critical"):
-            errors.append(line[:300])
+        step = next((t for t in writes if t >= taken), None)
+        if step is not None:
+            failovers.append(step - killed_at)
+    errors = []
+    for replica in replicas.values():
+        for log_path in replica.logs:
+            for line in log_path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    errors.append(f"{log_path.name}: {line[:200]}")
+                    continue
+                if entry.get("level") in ("error", "critical"):
+                    errors.append(f"{log_path.name}: {line[:300]}")
     faults = {f"api {k}": v for k, v in api_proxy.faults().items()}
     faults.update({f"prometheus {k}": v for k, v in prom_proxy.faults().items()})
-    summary = {
+    summary: dict[str, Any] = {
         "minutes": minutes,
         "canaries": canaries,
         "rollouts": len(finished),
-        "unfinished": len(current),
+        "right": right,
         "wrong": len(wrong),
+        "unfinished": len(current),
+        "weights_fell_back": fell_back,
+        "weights_jumped": jumped,
+        "baselines_retaken": retaken,
+        "kills": len(kills),
+        "failover_s": {
+            "n": len(failovers),
+            "p50": round(percentile(failovers, 0.5), 2),
+            "p99": round(percentile(failovers, 0.99), 2),
+            "max": round(max(failovers, default=float("nan")), 2),
+            "mean": round(statistics.fmean(failovers), 2) if failovers else None,
+        },
         "faults": faults,
-        "rss_mb": {"after_warmup": round(baseline.get("rss_kb", 0) / 1024, 1), "end": round(final["rss_kb"] / 1024, 1)},
-        "asyncio_tasks": {"after_warmup": baseline.get("tasks"), "end": final["tasks"]},
+        "rss_mb": {
+            "idle_leader": round(idle.get("rss_kb", 0) / 1024, 1),
+            "leaders_at_kill_max": round(max(rss_at_kill, default=0.0), 1),
+            "end_leader": round(final.get("rss_kb", 0) / 1024, 1),
+        },
+        "asyncio_tasks": {"idle_leader": idle.get("tasks"), "end_leader": final.get("tasks")},
         "error_lines": len(errors),
     }
     for w in wrong[:10]:
@@ -300,15 +445,22 @@ async def soak(minutes: float, canaries: int, workdir: Path) -> int:
     for e in errors[:10]:
         print("error line:", e)
     print(f"faults injected: {sum(faults.values())} {faults}")
-    print(f"rollouts run: {len(finished)}, ended wrong: {len(wrong)}, unfinished: {len(current)}")
+    print(f"rollouts run: {len(finished)}, ended right: {right}, ended wrong: {len(wrong)}, unfinished: {len(current)}")
     print(
-        f"RSS after warm-up {summary['rss_mb']['after_warmup']} MB, at the end {summary['rss_mb']['end']} MB; "
-        f"asyncio tasks {summary['asyncio_tasks']['after_warmup']} -> {summary['asyncio_tasks']['end']}"
+        f"weights that fell back: {fell_back}, jumped more than one increment: {jumped}; baselines retaken: {retaken}"
+    )
+    print(
+        f"leader kills: {len(kills)}; failover (killed -> next step by the standby) p50 "
+        f"{summary['failover_s']['p50']} s, p99 {summary['failover_s']['p99']} s over {len(failovers)}"
+    )
+    print(
+        f"RSS: idle leader {summary['rss_mb']['idle_leader']} MB, leaders when killed up to "
+        f"{summary['rss_mb']['leaders_at_kill_max']} MB, leader at the end {summary['rss_mb']['end_leader']} MB; "
+        f"asyncio tasks of the idle leader {idle.get('tasks')} -> at the end {final.get('tasks')}"
     )
     print(json.dumps(summary, separators=(",", ":")))
-    grew = final["rss_kb"] > baseline.get("rss_kb", final["rss_kb"]) * 1.25 + 10240
-    leaked = final["tasks"] > baseline.get("tasks", final["tasks"]) + 5
-    return 1 if wrong or current or errors or grew or leaked else 0
+    leaked = not final or final["tasks"] > idle.get("tasks", final["tasks"]) + 5
+    return 1 if wrong or current or errors or leaked or retaken else 0
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""Session-wide real servers (etcd, kube-apiserver, Prometheus) and per-test namespaces and clients.
+"""Session-wide real servers (etcd, kube-apiserver, controller-manager, scheduler, kwok's fake nodes, Prometheus)
+and per-test namespaces and clients.
 
 The servers' logs are kept under .test-logs/ and their tails are attached to the report of any failed test.
 """
@@ -75,8 +76,8 @@ def admin_http(control_plane: ControlPlane) -> KubeHTTP:
 
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest, admin_http: KubeHTTP) -> str:
-    """A fresh namespace per test. No namespace controller runs here, so they are never deleted: etcd is
-    thrown away with the session."""
+    """A fresh namespace per test, kept afterwards for a look at what a failed test left (the namespace
+    controller would delete it, but etcd is thrown away with the session anyway)."""
     stem = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
     name = f"{stem}-{uuid.uuid4().hex[:6]}"
     admin_http.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})

@@ -225,7 +225,7 @@ async def test_a_credential_refused_after_its_refresh_raises_unauthorized_after_
         error = caught.value
         assert (error.status, error.method) == (401, "GET")
         assert error.path == f"/apis/networking.istio.io/v1/namespaces/{namespace}/virtualservices/aleph"
-        assert error.user_message.startswith(f'GET virtualservices "aleph" in namespace {namespace}: 401 Unauthorized')
+        assert error.describe().startswith(f'GET virtualservices "aleph" in namespace {namespace}: 401 Unauthorized')
         assert not error.retryable
         # Refused again at once: the credential was refreshed under a second ago, so not again for this request.
         with pytest.raises(Unauthorized):
@@ -322,9 +322,9 @@ async def test_an_rbac_refusal_says_what_was_refused(
         await kube.close()
     error = caught.value
     assert (error.status, error.method, error.reason) == (403, "PATCH", "Forbidden")
-    assert error.user_message.startswith(f'PATCH virtualservices "aleph" in namespace {namespace}: 403 Forbidden: ')
-    assert 'User "nobody" cannot patch resource "virtualservices"' in error.user_message  # the API server's words
-    assert "\n" not in error.user_message
+    assert error.describe().startswith(f'PATCH virtualservices "aleph" in namespace {namespace}: 403 Forbidden: ')
+    assert 'User "nobody" cannot patch resource "virtualservices"' in error.describe()  # the API server's words
+    assert "\n" not in error.describe()
     assert str(error).startswith("403 Forbidden: ")  # what logs and older callers read stays as it was
 
 
@@ -332,14 +332,14 @@ def test_errors_built_elsewhere_keep_their_old_form() -> None:
     error = KubeError(0, "Unreachable", "GET /x: ClientConnectorError: refused")
     assert (error.method, error.path, str(error)) == ("", "", "GET /x: ClientConnectorError: refused")
     assert error.retryable
-    assert KubeError(503, "ServiceUnavailable", "busy").user_message == "503 ServiceUnavailable: busy"
+    assert KubeError(503, "ServiceUnavailable", "busy").describe() == "503 ServiceUnavailable: busy"
     watch = KubeError(0, "WatchBroken", "TimeoutError: ", method="GET", path="/apis/otomato.link/v1alpha1/birdwatches")
-    assert watch.user_message == "GET birdwatches: WatchBroken: TimeoutError:"
+    assert watch.describe() == "GET birdwatches: WatchBroken: TimeoutError:"
     status = KubeError(
         409, "Conflict", "changed", method="PATCH", path="/apis/otomato.link/v1alpha1/namespaces/a/birdwatches/b/status"
     )
-    assert status.user_message == 'PATCH birdwatches/status "b" in namespace a: 409 Conflict: changed'
-    assert KubeError(404, "NotFound", "x", method="GET", path="/api/v1/namespaces/shop").user_message == (
+    assert status.describe() == 'PATCH birdwatches/status "b" in namespace a: 409 Conflict: changed'
+    assert KubeError(404, "NotFound", "x", method="GET", path="/api/v1/namespaces/shop").describe() == (
         'GET namespaces "shop": 404 NotFound: x'
     )
 

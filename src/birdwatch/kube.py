@@ -94,8 +94,7 @@ class KubeError(Exception):
         """Worth trying again as it is: transport failures, throttling and server-side errors."""
         return self.status == 0 or self.status == 429 or self.status >= 500
 
-    @property
-    def user_message(self) -> str:
+    def describe(self) -> str:
         """One line for a person: what was asked and what the API server said, e.g.
         ``PATCH virtualservices "aleph" in namespace shop: 403 Forbidden: <the API server's message>``."""
         what = describe_request(self.method, self.path)

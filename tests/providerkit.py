@@ -2,8 +2,9 @@
 (and wait until the backend answers it), the query in the backend's language, a query it rejects, a providers-file
 entry, and a way to make it stop answering and come back.
 
-Real servers where they run here (VictoriaMetrics, InfluxDB: session-wide, started once), a real local HTTP server
-for ``web``, and wire-protocol servers for Datadog, New Relic and Loki (see each fake's docstring for why).
+Real servers where they run here (VictoriaMetrics, InfluxDB, Graphite: session-wide, started once), a real local
+HTTP server for ``web``, and wire-protocol servers for Datadog, New Relic and Loki (see each fake's docstring for
+why).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from datadogfake import FakeDatadog
-from envtest.backends import BackendBinaries, InfluxDB, VictoriaMetrics, ensure_backends
+from envtest.backends import BackendBinaries, Graphite, InfluxDB, VictoriaMetrics, ensure_backends
 from jsonserver import JsonServer
 from lokifake import FakeLoki
 from newrelicfake import FakeNewRelic
@@ -109,6 +110,30 @@ class InfluxBackend:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.influx.start)
+
+
+@dataclass
+class GraphiteBackend:
+    graphite: Graphite
+    type: str = "graphite"
+    rejected: str = "nosuchfunction(bwtest.x.errors)"
+    says: str = "unknown function: nosuchfunction"
+
+    def entry(self, secrets: Path) -> dict[str, Any]:
+        return {"type": "graphite", "address": self.graphite.url, "from": "-5min"}
+
+    def metric(self, ns: str) -> str:
+        return f"maxSeries(bwtest.{ns}.errors)"
+
+    async def set(self, ns: str, value: float) -> None:
+        await asyncio.to_thread(self.graphite.send, f"bwtest.{ns}.errors", value)
+        await _until(lambda: self.graphite.last(self.metric(ns)) == value, f"Graphite to answer {value}")
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.graphite.stop)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.graphite.start)
 
 
 @dataclass
@@ -217,7 +242,7 @@ def providers_file(folder: Path, entries: dict[str, dict[str, Any]]) -> Path:
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
 
-TYPES = ["victoriametrics", "influxdb", "web", "loki", "datadog", "newrelic"]
+TYPES = ["victoriametrics", "influxdb", "graphite", "web", "loki", "datadog", "newrelic"]
 
 
 @pytest.fixture(scope="session")
@@ -246,6 +271,17 @@ def influx(backend_binaries: BackendBinaries, log_dir: Path) -> Iterator[InfluxD
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def graphite(backend_binaries: BackendBinaries, log_dir: Path) -> Iterator[Graphite]:
+    assert backend_binaries.graphite_web is not None, "hack/install-backends.sh found no graphite-web"
+    server = Graphite(log_dir / "graphite", backend_binaries.carbon_cache, backend_binaries.graphite_web)
+    started = time.monotonic()
+    server.start()
+    print(f"Graphite (carbon-cache and graphite-web) started in {time.monotonic() - started:.2f} s")
+    yield server
+    server.stop()
+
+
 @asynccontextmanager
 async def backend_of(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """The backend of ``kind``, up for the test (a real session server is started again if a test stopped it)."""
@@ -260,6 +296,13 @@ async def backend_of(kind: str, request: pytest.FixtureRequest) -> AsyncIterator
         yield InfluxBackend(influx)
         if influx.server is None or not influx.server.alive():
             influx.start()
+        return
+    if kind == "graphite":
+        graphite = request.getfixturevalue("graphite")
+        yield GraphiteBackend(graphite)
+        if not graphite.alive():
+            graphite.stop()
+            graphite.start()
         return
     server: WireServer
     backend: WireBackend

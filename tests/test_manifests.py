@@ -145,6 +145,7 @@ def test_apply_f_and_apply_k_both_succeed_and_create_the_same_objects(
     docs = manifests()
     assert {d["kind"] for d in docs} == {
         "Namespace",
+        "ConfigMap",
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
@@ -298,7 +299,7 @@ def test_rbac_grants_exactly_what_birdwatch_needs() -> None:
 # --- the Deployment -------------------------------------------------------------------------------------------------
 
 
-def test_deployment_is_locked_down_and_runs_with_leader_election() -> None:
+def test_deployment_is_locked_down_and_runs_with_leader_election(tmp_path: Path) -> None:
     dep = one("Deployment", "birdwatch")
     assert dep["metadata"]["namespace"] == SYSTEM_NS
     spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
@@ -357,7 +358,18 @@ def test_deployment_is_locked_down_and_runs_with_leader_election() -> None:
     # birdwatch itself accepts the arguments and environment: `birdwatch run` is the image's entrypoint.
     values = {name: e.get("value", "") for name, e in env.items()}
     values |= {"POD_NAME": "birdwatch-7d4b9c-x2x9k", "POD_NAMESPACE": SYSTEM_NS, "SLACK_API_TOKEN": "xoxb-from-secret"}
+    # The providers file is the ConfigMap's, mounted where BIRDWATCH_PROVIDERS_FILE says; its Secret is optional.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    providers_cm = one("ConfigMap", "birdwatch-providers")
+    assert volumes["providers"]["configMap"]["name"] == providers_cm["metadata"]["name"]
+    assert values["BIRDWATCH_PROVIDERS_FILE"] == f"{mounts['providers']}/providers.yaml"
+    assert volumes["provider-secrets"]["secret"] == {"secretName": "birdwatch-provider-secrets", "optional": True}
+    local = tmp_path / "providers.yaml"
+    local.write_text(providers_cm["data"]["providers.yaml"])
+    values["BIRDWATCH_PROVIDERS_FILE"] = str(local)
     settings = settings_from(build_parser(values).parse_args(["run", *container.get("args", [])]), values)
+    assert settings.providers == ()
     assert settings.leader.enabled
     assert settings.leader.namespace == SYSTEM_NS
     assert settings.leader.identity == "birdwatch-7d4b9c-x2x9k"

@@ -2,8 +2,8 @@
 backend, steady values promote, values past ``deviation`` roll back, a query the backend rejects ends Failed with
 the backend's own words, and a backend that stops answering leads to failed checks and ``if_unhealthy``.
 
-VictoriaMetrics (for the ``prometheus`` type) and InfluxDB are the real servers (tests/envtest/backends.py); ``web``
-asks a real local HTTP server; Loki, Datadog and New Relic are wire-protocol servers (see providerkit.py)."""
+VictoriaMetrics (for the ``prometheus`` type), InfluxDB and Graphite are the real servers (tests/envtest/backends.py);
+``web`` asks a real local HTTP server; Loki, Datadog and New Relic are wire-protocol servers (see providerkit.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from birdwatch.kube import Invalid
 from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.promserver import PrometheusServer
 from kit import Cluster, birdwatch, controller, eventually, mesh
-from providerkit import TYPES, Backend, backend_binaries, backend_of, influx, providers_file, victoria
+from providerkit import TYPES, Backend, backend_binaries, backend_of, graphite, influx, providers_file, victoria
 
 pytestmark = pytest.mark.slow
-__all__ = ["backend_binaries", "influx", "victoria"]  # session fixtures, found by pytest here
+__all__ = ["backend_binaries", "graphite", "influx", "victoria"]  # session fixtures, found by pytest here
 
 
 class Run:
@@ -127,3 +128,10 @@ async def test_an_unknown_provider_ends_failed_with_the_known_names(
         status = await cluster.wait_phase("Failed")
     assert "unknown provider 'nope'; known: influx, prometheus" in status["message"], status
     assert await cluster.weights() == {"production": 100, "canary": 0}
+
+
+@pytest.mark.parametrize("name", ["Influx", "in_flux", "-x", "a" * 64])
+async def test_the_api_server_refuses_a_provider_that_is_not_a_dns_label(cluster: Cluster, name: str) -> None:
+    with pytest.raises(Invalid) as refused:
+        await cluster.create_bw(birdwatch("aleph", provider=name, metric="vector(0)"))
+    assert "spec.provider" in str(refused.value), refused.value

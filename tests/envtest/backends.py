@@ -1,10 +1,12 @@
 """Real metric backends for the provider tests, each a child process on a free loopback port with its data in a
-temp folder: InfluxDB 1.x and VictoriaMetrics (installed, when missing, by hack/install-backends.sh)."""
+temp folder: InfluxDB 1.x, VictoriaMetrics and Graphite (installed, when missing, by hack/install-backends.sh)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -156,3 +158,118 @@ class VictoriaMetrics:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+@dataclass
+class Graphite:
+    """Graphite as it is deployed: carbon-cache (plaintext receiver, whisper files, the cache query port) and
+    graphite-web (the Django app's render API, on Django's own server), both run by Debian's python3, with their
+    settings, data and logs in ``workdir``. Points are visible to the render API at once through carbon's cache."""
+
+    workdir: Path
+    carbon: Path
+    webapp: Path
+    port: int = 0
+    line_port: int = 0
+    servers: list[Server] = field(default_factory=list, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        storage, logs = self.workdir / "storage", self.workdir / "log"
+        for folder in (storage / "whisper", logs, self.workdir / "pid"):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.line_port = self.line_port or free_port()
+        query_port, pickle_port = free_port(), free_port()
+        (self.workdir / "carbon.conf").write_text(
+            f"""[cache]
+STORAGE_DIR = {storage}/
+LOCAL_DATA_DIR = {storage}/whisper/
+CONF_DIR = {self.workdir}/
+LOG_DIR = {logs}/
+PID_DIR = {self.workdir / "pid"}/
+DATABASE = whisper
+ENABLE_LOGROTATION = False
+ENABLE_TAGS = False
+MAX_CACHE_SIZE = inf
+MAX_UPDATES_PER_SECOND = 5000
+MAX_CREATES_PER_MINUTE = inf
+LINE_RECEIVER_INTERFACE = 127.0.0.1
+LINE_RECEIVER_PORT = {self.line_port}
+ENABLE_UDP_LISTENER = False
+PICKLE_RECEIVER_INTERFACE = 127.0.0.1
+PICKLE_RECEIVER_PORT = {pickle_port}
+CACHE_QUERY_INTERFACE = 127.0.0.1
+CACHE_QUERY_PORT = {query_port}
+"""
+        )
+        (self.workdir / "storage-schemas.conf").write_text("[default]\npattern = .*\nretentions = 1s:1h\n")
+        (self.workdir / "bw_graphite_settings.py").write_text(
+            f"""SECRET_KEY = "birdwatch-tests-only"
+STORAGE_DIR = "{storage}/"
+WHISPER_DIR = "{storage}/whisper/"
+LOG_DIR = "{logs}/"
+INDEX_FILE = "{storage}/index"
+CARBONLINK_HOSTS = ["127.0.0.1:{query_port}:a"]
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": "{storage}/graphite.db"}}}}
+"""
+        )
+        carbon = Server(
+            "carbon-cache",
+            ["/usr/bin/python3", str(self.carbon), f"--config={self.workdir / 'carbon.conf'}", "--debug", "start"],
+            logs / "carbon-cache.out",
+        )
+        # graphite-web reads GRAPHITE_SETTINGS_MODULE from its environment; the Server runs children with ours.
+        web = Server(
+            "graphite-web",
+            [
+                "/usr/bin/env",
+                f"PYTHONPATH={self.workdir}",
+                "GRAPHITE_SETTINGS_MODULE=bw_graphite_settings",
+                "DJANGO_SETTINGS_MODULE=graphite.settings",
+                "/usr/bin/python3",
+                "-m",
+                "django",
+                "runserver",
+                "--noreload",
+                f"127.0.0.1:{self.port}",
+            ],
+            logs / "graphite-web.out",
+        )
+        carbon.start()
+        web.start()
+        self.servers = [carbon, web]
+        wait_until("carbon-cache's line receiver", lambda: _listening(self.line_port), timeout=30, server=carbon)
+        ready = f"{self.url}/render?target=constantLine(1)&format=json"
+        wait_until("graphite-web's render API", lambda: _answers(ready, 200), timeout=30, server=web)
+
+    def send(self, path: str, value: float) -> None:
+        """One point now, in carbon's plaintext protocol."""
+        with socket.create_connection(("127.0.0.1", self.line_port), timeout=5) as conn:
+            conn.sendall(f"{path} {value} {int(time.time())}\n".encode())
+
+    def last(self, target: str) -> float | None:
+        query = urllib.parse.urlencode({"target": target, "from": "-5min", "format": "json"})
+        status, body = http("GET", f"{self.url}/render?{query}")
+        series = json.loads(body) if status == 200 else []
+        points = [p[0] for p in series[0]["datapoints"] if p[0] is not None] if len(series) == 1 else []
+        return float(points[-1]) if points else None
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers = []
+
+    def alive(self) -> bool:
+        return bool(self.servers) and all(s.alive() for s in self.servers)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -166,6 +166,11 @@ REFUSED = [
     Refused("ready_timeout", 0, "should be greater than or equal to 1"),
     Refused("ready_timeout", 86401, "should be less than or equal to 86400"),
     Refused("paused", "yes", 'must be of type boolean: "string"'),
+    Refused("baseline", "yesterday", 'supported values: "first", "production"'),
+    Refused("analysis", "t-test", 'supported values: "threshold", "mann-whitney"'),
+    Refused("confidence", 1, "should be less than 1"),
+    Refused("confidence", 0.4, "should be greater than or equal to 0.5"),
+    Refused("samples", 2, "should be greater than or equal to 3"),
     Refused("paused", 1, 'must be of type boolean: "integer"'),
 ]
 

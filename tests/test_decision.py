@@ -23,7 +23,7 @@ from birdwatch.decision import (
     decide,
 )
 from birdwatch.router import Record, Subsets, Traffic
-from birdwatch.spec import BirdWatchSpec, NoData, Phase, Unhealthy
+from birdwatch.spec import Analysis, Baseline, BirdWatchSpec, NoData, Phase, Unhealthy
 from birdwatch.status import Acknowledgement, Status, now_rfc3339, parse_time
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -88,6 +88,8 @@ def obs(**kw: Any) -> Observed:
 STEPPED = rec(20, baseline=0.0, step_time=at(-4))
 PROGRESSING = status(Phase.PROGRESSING, canary_weight=20, baseline=0.0, last_step_time=at(-4))
 DUE = {"now": NOW + 6}  # the check of the step at -4 is due at +6
+PROD = {"baseline": Baseline.PRODUCTION, "metric": 'm{version="{{version}}"}'}
+MW = {**PROD, "analysis": Analysis.MANN_WHITNEY}  # five samples per 10 s interval: one every 2 s
 
 
 @dataclass(frozen=True)
@@ -622,6 +624,195 @@ CASES: list[tuple[str, Observed, Expect]] = [
             phase=Phase.PENDING,
             say=("TrafficReset",),
         ),
+    ),
+    # --- against production (baseline: production), by value and by samples --------------------------------
+    (
+        "production mode: both read at the same moment",
+        obs(traffic=traffic(record=rec()), readiness=(True, "1/1"), reading=Reading(value=0.0), spec_changes=PROD),
+        Expect(need=Need.METRIC),
+    ),
+    (
+        "production mode: production's value now is the baseline shown; the first step",
+        obs(
+            traffic=traffic(record=rec()),
+            readiness=(True, "1/1"),
+            reading=Reading(value=None),
+            production=Reading(value=0.02),
+            spec_changes=PROD,
+        ),
+        Expect(
+            weight=10,
+            record={"baseline": 0.02},
+            phase=Phase.PROGRESSING,
+            fields={"baseline": 0.02, "production_value": 0.02, "last_value": 0.0},
+            say=("RolloutStarted", "TrafficShifted"),
+        ),
+    ),
+    (
+        "production with no data and no_data: fail: said, not a division by zero",
+        obs(
+            traffic=traffic(record=rec()),
+            readiness=(True, "1/1"),
+            reading=Reading(value=0.0),
+            production=Reading(value=None),
+            spec_changes={**PROD, "no_data": NoData.FAIL},
+        ),
+        Expect(
+            phase=Phase.FAILED, fields={"reason": "NoData"}, message="has production any traffic?", ended=Phase.FAILED
+        ),
+    ),
+    (
+        "production's Prometheus down before the baseline: wait",
+        obs(
+            traffic=traffic(record=rec()),
+            readiness=(True, "1/1"),
+            reading=Reading(value=0.0),
+            production=Reading(error="timed out"),
+            spec_changes=PROD,
+        ),
+        Expect(phase=Phase.PENDING, fields={"reason": "MetricUnavailable"}, message="production's metric"),
+    ),
+    (
+        "production drifted up, the canary with it: healthy against production (first would roll back)",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            reading=Reading(value=0.31),
+            production=Reading(value=0.3),
+            spec_changes=PROD,
+            **DUE,
+        ),
+        Expect(weight=30, phase=Phase.PROGRESSING, fields={"production_value": 0.3, "last_value": 0.31}),
+    ),
+    (
+        "the same drift judged against the first value: rolled back",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, reading=Reading(value=0.31), **DUE),
+        Expect(weight=0, phase=Phase.ROLLED_BACK, message="from baseline 0", ended=Phase.ROLLED_BACK),
+    ),
+    (
+        "the canary worse than production: rolled back, both numbers said",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            reading=Reading(value=0.2),
+            production=Reading(value=0.05),
+            spec_changes=PROD,
+            **DUE,
+        ),
+        Expect(
+            weight=0,
+            phase=Phase.ROLLED_BACK,
+            fields={"production_value": 0.05, "last_value": 0.2},
+            message="value 0.2 rose 0.15 from production 0.05",
+            ended=Phase.ROLLED_BACK,
+        ),
+    ),
+    (
+        "production's metric unreadable at a check: a failed check",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            reading=Reading(value=0.0),
+            production=Reading(error="timed out"),
+            spec_changes={**PROD, "failure_threshold": 2},
+            **DUE,
+        ),
+        Expect(phase=Phase.PROGRESSING, fields={"failed_checks": 1}, message="production's metric could not be read"),
+    ),
+    (
+        "production without data, no_data: skip: the check is skipped",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            reading=Reading(value=0.0),
+            production=Reading(value=None),
+            spec_changes={**PROD, "no_data": NoData.SKIP},
+            **DUE,
+        ),
+        Expect(phase=Phase.PROGRESSING, fields={"skipped_checks": 1}, message="has production any traffic?"),
+    ),
+    (
+        "mann-whitney: before the first sample's time, wait for it",
+        obs(
+            traffic=traffic(20, record=rec(20, baseline=0.0, step_time=at(-1))),
+            status=replace(PROGRESSING, last_step_time=at(-1)),
+            spec_changes=MW,
+        ),
+        Expect(wake=1.0),
+    ),
+    (
+        "mann-whitney: a sample is due: read both",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, spec_changes=MW),
+        Expect(need=Need.METRIC),
+    ),
+    (
+        "mann-whitney: a sample is kept, the next one spaced out",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            spec_changes=MW,
+            reading=Reading(value=0.1),
+            production=Reading(value=0.1),
+            samples=((0.1, 0.1),),
+        ),
+        Expect(wake=2.0),
+    ),
+    (
+        "mann-whitney at the check: the canary clearly worse: rolled back with the p-value",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            spec_changes=MW,
+            reading=Reading(value=0.5),
+            production=Reading(value=0.13),  # no ties: the exact test, p = 1/C(10, 5)
+            samples=((0.4, 0.11), (0.45, 0.09), (0.42, 0.1), (0.48, 0.12)),
+            **DUE,
+        ),
+        Expect(
+            weight=0,
+            phase=Phase.ROLLED_BACK,
+            fields={"p_value": pytest.approx(1 / 252), "effect": pytest.approx(0.34)},
+            message="worse with confidence 0.95",
+            ended=Phase.ROLLED_BACK,
+        ),
+    ),
+    (
+        "mann-whitney at the check: as good as production: one step up",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            spec_changes=MW,
+            reading=Reading(value=0.1),
+            production=Reading(value=0.1),
+            samples=((0.09, 0.11), (0.12, 0.1), (0.1, 0.08), (0.11, 0.13)),
+            **DUE,
+        ),
+        Expect(weight=30, phase=Phase.PROGRESSING, message="canary at 30%", wake=2.0),  # the next interval's samples
+    ),
+    (
+        "mann-whitney: worse with confidence but within deviation: healthy",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            spec_changes={**MW, "deviation": 0.5},
+            reading=Reading(value=0.5),
+            production=Reading(value=0.1),
+            samples=((0.4, 0.11), (0.45, 0.09), (0.42, 0.1), (0.48, 0.12)),
+            **DUE,
+        ),
+        Expect(weight=30, phase=Phase.PROGRESSING),
+    ),
+    (
+        "mann-whitney at the check with too few samples (a restart): a few more first",
+        obs(
+            traffic=traffic(20, record=STEPPED),
+            status=PROGRESSING,
+            spec_changes=MW,
+            reading=Reading(value=0.1),
+            production=Reading(value=0.1),
+            **DUE,
+        ),
+        Expect(wake=2.0),
     ),
     # --- people in the loop: spec.paused and requests ---------------------------------------------------------
     (

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from birdwatch.judge import Verdict, at_top, judge, next_weight, read_value
+from birdwatch.judge import Verdict, at_top, judge, judge_against_production, judge_samples, next_weight, read_value
 from birdwatch.spec import BirdWatchSpec, InvalidSpec, NoData
 
 BASE = {"service": "aleph", "metric": "up", "deviation": 0.5, "canary_version": "v04"}
@@ -107,9 +107,39 @@ def test_defaults_are_the_prototypes() -> None:
         ({**BASE, "if_unhealthy": "explode"}, "spec.if_unhealthy must be one of rollback, freeze, not 'explode'"),
         ({**BASE, "metric": "   "}, "spec.metric must be a non-empty string"),
         ("nonsense", "spec is missing or not an object"),
+        ({**BASE, "analysis": "mann-whitney"}, "analysis: mann-whitney compares the canary with production"),
+        ({**BASE, "baseline": "production"}, "put {{version}} in metric"),
+        ({**BASE, "baseline": "yesterday"}, "spec.baseline must be one of first, production"),
+        ({**BASE, "confidence": 1.0}, "spec.confidence must be a number from 0.5 up to"),
+        ({**BASE, "paused": "yes"}, "spec.paused must be true or false"),
     ],
 )
 def test_invalid_specs_say_what_is_wrong(raw: object, says: str) -> None:
     with pytest.raises(InvalidSpec, match=None) as err:
         BirdWatchSpec.from_dict(raw)
     assert says in str(err.value)
+
+
+def test_version_placeholder_fills_canary_and_production() -> None:
+    s = spec(metric='errors{version="{{version}}"}', baseline="production")
+    assert s.canary_query() == 'errors{version="v04"}'
+    assert s.production_query("v03") == 'errors{version="v03"}'
+    explicit = spec(metric="canary_errors", baseline="production", production_metric="prod_errors")
+    assert (explicit.canary_query(), explicit.production_query("v03")) == ("canary_errors", "prod_errors")
+
+
+def test_against_production_by_value_and_by_samples() -> None:
+    s = spec(metric='e{v="{{version}}"}', baseline="production", deviation=0.05)
+    assert judge_against_production(0.31, 0.3, spec=s).verdict is Verdict.HEALTHY
+    worse = judge_against_production(0.4, 0.3, spec=s)
+    assert worse.verdict is Verdict.UNHEALTHY
+    assert worse.production == 0.3
+    assert "from production 0.3" in worse.reason
+    assert judge_against_production(0.0, None, spec=s).production == 0.0  # no_data: zero, both sides
+    mw = spec(metric='e{v="{{version}}"}', baseline="production", analysis="mann-whitney", deviation=0.05)
+    few = [(0.5, 0.1)] * 3
+    assert judge_samples(few, spec=mw) is None  # 3 + 3 cannot reach p < 0.05: no verdict, never a pass
+    clear = judge_samples([(0.5 + i / 100, 0.1 + i / 100) for i in range(5)], spec=mw)
+    assert clear is not None
+    assert clear.verdict is Verdict.UNHEALTHY
+    assert clear.p_value == pytest.approx(1 / 252)

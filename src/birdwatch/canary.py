@@ -13,14 +13,16 @@ the task: the next round reports it (status, a Warning Event, a log line) and tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
 
-from .decision import Decision, DestinationRuleChange, Failure, Need, Observed, Reading, Say, decide
+from .decision import Decision, DestinationRuleChange, Failure, Need, Observed, Reading, Request, Say, decide
 from .events import EventRecorder, ObjectRef
 from .kube import Conflict, Kube, KubeError, NotFound, Obj
 from .metrics import Metrics
@@ -28,8 +30,9 @@ from .notify import Notice, Notifier, next_step
 from .providers.base import ProviderLookup
 from .providers.errors import BadQuery, QueryError
 from .router import Record, Router, Traffic
-from .spec import TERMINAL, BirdWatchSpec, InvalidSpec, Phase
+from .spec import TERMINAL, Baseline, BirdWatchSpec, InvalidSpec, Phase
 from .status import Status, StatusWriter, parse_time
+from .updates import Updates
 from .workload import canary_available
 
 log = structlog.get_logger(__name__)
@@ -59,6 +62,12 @@ def metric_digest(metric: str) -> str:
     return hashlib.sha256(metric.encode()).hexdigest()[:16]
 
 
+def spec_digest(raw: object) -> str:
+    """Of the spec as written, but ``paused``: pausing and resuming change the generation, not the rollout."""
+    spec = {k: v for k, v in raw.items() if k != "paused"} if isinstance(raw, dict) else raw
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def api_summary(exc: KubeError) -> str:
     """Which call was refused and the API server's own words, in one line."""
     describe = getattr(exc, "describe", None)
@@ -66,7 +75,7 @@ def api_summary(exc: KubeError) -> str:
 
 
 class Canary:
-    def __init__(self, obj: Obj, ports: Ports, *, stop: asyncio.Event) -> None:
+    def __init__(self, obj: Obj, ports: Ports, *, stop: asyncio.Event, updates: Updates | None = None) -> None:
         meta = obj["metadata"]
         self.namespace: str = meta["namespace"]
         self.name: str = meta["name"]
@@ -74,6 +83,7 @@ class Canary:
         self.generation: int = int(meta.get("generation", 1))
         self._ports = ports
         self._stop = stop
+        self._updates = updates or Updates(obj)
         self._ref = ObjectRef.of(obj)
         self._writer = StatusWriter(ports.kube, namespace=self.namespace, name=self.name, current=obj)
         self.status = Status.parse(obj) or Status(phase=Phase.PENDING, observed_generation=self.generation)
@@ -84,6 +94,7 @@ class Canary:
         except InvalidSpec as exc:
             self._spec_error = str(exc)
         self._digest = metric_digest(self.spec.metric) if self.spec else ""
+        self._spec_digest = spec_digest(obj.get("spec"))
         self.router = (
             Router(
                 ports.kube, namespace=self.namespace, service=self.spec.service, canary_version=self.spec.canary_version
@@ -96,6 +107,9 @@ class Canary:
         self._failure: Failure | None = None
         self._conflicts = 0
         self._said: set[tuple[str, str]] = set()  # Warnings already posted while a failure lasts
+        # mann-whitney: (canary, production) readings of this interval; kept in memory only, since after a
+        # restart a few fresh samples are as good as the lost ones.
+        self._samples: list[tuple[float | None, float | None]] = []
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -198,11 +212,20 @@ class Canary:
             status=self.status,
             traffic=traffic,
             metric_digest=self._digest,
+            spec_digest=self._spec_digest,
+            request=self._request(),
+            samples=tuple(self._samples),
             other_owner=self._other_owner(traffic.record),
             query_checked=self._query_checked,
             stopping=self._stop.is_set(),
             poll=self._ports.ready_poll,
         )
+
+    def _request(self) -> Request | None:
+        """A person's request that this BirdWatch's status has not acknowledged yet."""
+        value = self._updates.request
+        acknowledged = self.status.request.id if self.status.request is not None else None
+        return Request.parse(value) if value and value != acknowledged else None
 
     def _other_owner(self, record: Record | None) -> str | None:
         """The BirdWatch whose rollout holds the VirtualService, if it is another one and its rollout goes on."""
@@ -228,9 +251,16 @@ class Canary:
                 self._ports.kube, namespace=self.namespace, labels=self.router.canary_labels()
             )
             return replace(observed, readiness=readiness)
-        return replace(observed, reading=await self._read())
+        spec = self.spec
+        assert spec is not None
+        if spec.baseline is not Baseline.PRODUCTION:
+            return replace(observed, reading=await self._read(spec.canary_query()))
+        # Both at the same moment: production's value now is what the canary is judged against.
+        production_query = spec.production_query(observed.traffic.production_version)
+        canary, production = await asyncio.gather(self._read(spec.canary_query()), self._read(production_query))
+        return replace(observed, reading=canary, production=production)
 
-    async def _read(self) -> Reading:
+    async def _read(self, expression: str) -> Reading:
         assert self.spec is not None
         spec = self.spec
         provider = self._ports.providers.get(spec.provider)
@@ -239,7 +269,7 @@ class Canary:
             known = ", ".join(self._ports.providers.names())
             return Reading(error=f"unknown provider {spec.provider!r}; known: {known}", rejected=True)
         try:
-            raw = await provider.query(spec.metric, budget=float(max(spec.interval, 2)))
+            raw = await provider.query(expression, budget=float(max(spec.interval, 2)))
         except BadQuery as exc:
             return Reading(error=f"{provider.kind} rejected the metric query: {exc}", rejected=True)
         except QueryError as exc:
@@ -248,7 +278,7 @@ class Canary:
             log.warning("metric query failed", detail=str(exc), provider=provider.name)
             return Reading(error=str(exc))
         self._query_checked = True
-        if raw is not None:
+        if raw is not None and expression == spec.canary_query():
             self._ports.metrics.metric_value.labels(self.namespace, self.name).set(raw)
         return Reading(value=raw)
 
@@ -257,6 +287,10 @@ class Canary:
     async def _carry_out(self, decision: Decision, observed: Observed) -> None:
         """The writes in order: the DestinationRule, the traffic (with its record), the status; then tell."""
         metrics = self._ports.metrics
+        if decision.sample and observed.reading is not None and observed.production is not None:
+            self._samples.append((observed.reading.value, observed.production.value))
+        elif observed.reading is not None and self._samples:
+            self._samples.clear()  # judged: the next check samples its own interval
         if decision.destination_rule is not None:
             assert self.router is not None
             subsets = observed.traffic.subsets
@@ -329,14 +363,15 @@ class Canary:
             self._ports.metrics.step_lateness.observe(max(0.0, now - previous - self.spec.interval))
 
     async def _sleep_until(self, wake: float) -> bool:
-        """False when a stop was asked for before ``wake``."""
+        """Until ``wake``, or until a person's request arrives; False when a stop was asked for first."""
         if self._stop.is_set():
             return False
         seconds = wake - time.time()
-        if seconds <= 0:
+        if seconds <= 0 or self._updates.changed.is_set():
+            self._updates.changed.clear()
             return True
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            return True
-        return False
+        # The registry sets ``changed`` for a request and when it asks the task to stop: one event to wait on.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._updates.changed.wait(), seconds)
+        self._updates.changed.clear()
+        return not self._stop.is_set()

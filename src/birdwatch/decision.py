@@ -29,10 +29,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .judge import Verdict, at_top, judge, next_weight, read_value
+from .judge import Judgement, Verdict, at_top, judge, judge_against_production, judge_samples, next_weight, read_value
 from .notify import Moment
 from .router import Record, Subsets, Traffic
-from .spec import TERMINAL, BirdWatchSpec, NoData, Phase, Unhealthy
+from .spec import TERMINAL, Analysis, Baseline, BirdWatchSpec, NoData, Phase, Unhealthy
 from .status import Acknowledgement, Status, parse_time
 
 # How often to look again while waiting for something to appear or become ready: soon at first, so that an
@@ -119,6 +119,8 @@ class Observed:
     query_checked: bool = False  # Prometheus accepted the query once in this task
     readiness: tuple[bool, str] | None = None  # (available, why), when asked for
     reading: Reading | None = None  # when asked for
+    production: Reading | None = None  # baseline: production: production's reading, at the same moment
+    samples: tuple[tuple[float | None, float | None], ...] = ()  # mann-whitney: (canary, production) this interval
     failure: Failure | None = None
     stopping: bool = False
     poll: float = 1.0  # shortest wait between looks while waiting
@@ -157,6 +159,7 @@ class Decision:
     wake: float | None = None
     ended: Phase | None = None
     stop: bool = False
+    sample: bool = False  # mann-whitney: keep this round's readings as a sample of the interval
 
     def but(self, **changes: object) -> Decision:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -212,8 +215,9 @@ def decide(o: Observed) -> Decision:
             # A bad query is found before anything is written, even before the canary is ready.
             if o.reading is None:
                 return Decision(need=Need.METRIC)
-            if o.reading.rejected:
-                return _end(status, Phase.FAILED, "BadQuery", o.reading.error or "", weight=traffic.weight)
+            for reading in (o.reading, o.production):
+                if reading is not None and reading.rejected:
+                    return _end(status, Phase.FAILED, "BadQuery", reading.error or "", weight=traffic.weight)
         return _claim(ctx)
     if not traffic.canary_subset_ready and not traffic.production_promoted:
         return Decision(destination_rule=DestinationRuleChange.PREPARE, wake=o.now)
@@ -369,6 +373,8 @@ def _before_baseline(ctx: _Ctx, record: Record) -> Decision:
             ),
         )
     assert reading is not None
+    if spec.baseline is Baseline.PRODUCTION:
+        return _production_baseline(ctx, record, reading)
     value = read_value(reading.value, spec.no_data)
     if value is None:
         if spec.no_data is NoData.FAIL:
@@ -391,6 +397,50 @@ def _before_baseline(ctx: _Ctx, record: Record) -> Decision:
     )
     step = _step(ctx, record, baseline=value, last_value=value)
     return step.but(say=(started, *step.say), notes=("baseline taken",))
+
+
+def _production_baseline(ctx: _Ctx, record: Record, canary: Reading) -> Decision:
+    """``baseline: production``: the canary is judged against production's value at each check; the baseline in
+    status is production's value when the rollout starts, for people to compare."""
+    o, spec = ctx.o, ctx.spec
+    production = o.production
+    if production is None:
+        return Decision(need=Need.METRIC)
+    if production.error is not None:
+        if production.rejected:
+            return _end(
+                ctx.status, Phase.FAILED, "BadQuery", f"production's query: {production.error}", weight=record.weight
+            )
+        return _wait(
+            ctx,
+            "MetricUnavailable",
+            f"waiting for production's metric: {production.error}",
+            timed_out=lambda c, message: _unhealthy(c, record, message, reason="NoBaseline"),
+        )
+    value = read_value(production.value, spec.no_data)
+    if value is None:
+        why = "production's metric returned no data (has production any traffic?)"
+        if spec.no_data is NoData.FAIL:
+            return _end(ctx.status, Phase.FAILED, "NoData", f"{why} (no_data: fail)", weight=record.weight)
+        return _wait(
+            ctx,
+            "NoBaseline",
+            why,
+            phase=Phase.WAITING,
+            timed_out=lambda c, message: _unhealthy(c, record, message, reason="NoBaseline"),
+        )
+    mode = "samples of both, a Mann-Whitney U test" if spec.analysis is Analysis.MANN_WHITNEY else "its value"
+    started = Say(
+        type="Normal",
+        reason="RolloutStarted",
+        message=f"production at {value:g}; the canary is judged against production ({mode}) at each check; "
+        f"stepping {spec.increment}% every {spec.interval}s from {record.weight}% up to {spec.max_weight}%",
+        moment=Moment.STARTED,
+        value=value,
+    )
+    ctx = replace(ctx, status=ctx.status.but(production_value=value))
+    step = _step(ctx, record, baseline=value, last_value=read_value(canary.value, spec.no_data))
+    return step.but(say=(started, *step.say), notes=("baseline taken (production)",))
 
 
 def _wait(
@@ -439,17 +489,21 @@ def _progress(ctx: _Ctx, record: Record, baseline: float) -> Decision:
     if step_time is None:
         # The record has a baseline but no step (the spec changed before the first step): step now.
         return _step(ctx, record, baseline=baseline, last_value=status.last_value)
-    if o.now < due:
+    if spec.analysis is Analysis.MANN_WHITNEY:
+        early = _sample(ctx, status, step_time=step_time, due=due)
+        if early is not None:
+            return early
+    elif o.now < due:
         return Decision(status=status if status != ctx.status else None, wake=due)
-    if o.reading is None:
+    if o.reading is None or (spec.baseline is Baseline.PRODUCTION and o.production is None):
         return Decision(need=Need.METRIC)
+    judgement = _check(ctx, baseline)
+    if judgement is None:
+        # Mann-Whitney without enough samples with data (after a restart, or no data): a few more first.
+        return Decision(sample=True, wake=o.now + spec.interval / spec.samples)
+    verdict, value, why = judgement.verdict, judgement.value, judgement.reason
+    status = status.but(production_value=judgement.production, p_value=judgement.p_value, effect=judgement.effect)
     ctx = replace(ctx, status=status)
-    reading = o.reading
-    if reading.error is not None:
-        verdict, value, why = Verdict.UNHEALTHY, None, f"the metric could not be read: {reading.error}"
-    else:
-        judgement = judge(reading.value, baseline=baseline, spec=spec)
-        verdict, value, why = judgement.verdict, judgement.value, judgement.reason
     if verdict is Verdict.HEALTHY:
         if at_top(record.weight, spec):
             return _promote(ctx, record, value, why)
@@ -472,6 +526,41 @@ def _progress(ctx: _Ctx, record: Record, baseline: float) -> Decision:
         say=(Say(type="Warning", reason="CheckFailed", message=message, value=value, moment=Moment.CHECK_FAILED),),
         wake=o.now + spec.interval,
     )
+
+
+def _sample(ctx: _Ctx, status: Status, *, step_time: float, due: float) -> Decision | None:
+    """``analysis: mann-whitney``: ``samples`` readings of both sides spread over the interval, the last at the
+    check. None: the check is due (judge now)."""
+    o, spec = ctx.o, ctx.spec
+    if o.now >= due:
+        return None
+    spacing = spec.interval / spec.samples
+    next_at = step_time + spacing * (len(o.samples) + 1)
+    if o.now < next_at:
+        return Decision(status=status if status != ctx.status else None, wake=min(next_at, due))
+    if o.reading is None or o.production is None:
+        return Decision(need=Need.METRIC)
+    wake = min(max(next_at, o.now) + spacing, due)  # behind schedule (a restart): spaced from now on
+    if o.reading.error is not None or o.production.error is not None:
+        return Decision(notes=("a sample could not be read; the check counts what it has",), wake=wake)
+    return Decision(sample=True, wake=wake)
+
+
+def _check(ctx: _Ctx, baseline: float) -> Judgement | None:
+    """Judge this check's reading(s): against the first value, against production's now, or over the samples."""
+    o, spec = ctx.o, ctx.spec
+    reading, production = o.reading, o.production
+    assert reading is not None
+    if reading.error is not None:
+        return Judgement(Verdict.UNHEALTHY, None, f"the metric could not be read: {reading.error}")
+    if spec.baseline is Baseline.FIRST:
+        return judge(reading.value, baseline=baseline, spec=spec)
+    assert production is not None
+    if production.error is not None:
+        return Judgement(Verdict.UNHEALTHY, None, f"production's metric could not be read: {production.error}")
+    if spec.analysis is Analysis.MANN_WHITNEY:
+        return judge_samples((*o.samples, (reading.value, production.value)), spec=spec)
+    return judge_against_production(reading.value, production.value, spec=spec)
 
 
 def _step(ctx: _Ctx, record: Record, *, baseline: float, last_value: float | None) -> Decision:
@@ -507,8 +596,13 @@ def _step(ctx: _Ctx, record: Record, *, baseline: float, last_value: float | Non
                 moment=Moment.STEP,
             ),
         ),
-        wake=o.now + spec.interval,
+        wake=o.now + _first_look(spec),
     )
+
+
+def _first_look(spec: BirdWatchSpec) -> float:
+    """After a step: the check an interval later, or with mann-whitney the first of its samples."""
+    return spec.interval / spec.samples if spec.analysis is Analysis.MANN_WHITNEY else float(spec.interval)
 
 
 def _overridden(ctx: _Ctx, record: Record) -> Decision:

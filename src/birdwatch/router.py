@@ -249,6 +249,7 @@ class Traffic:
     record: Record | None = None  # the rollout record on the VirtualService, whoever wrote it
     canary_subset_ready: bool = False  # the DestinationRule's canary subset selects the canary's version
     production_promoted: bool = False  # named subsets: production already selects the canary's version
+    production_version: str = ""  # the version label production's subset selects (for baseline: production)
 
 
 def observe(vs: Obj | None, dr: Obj | None, *, namespace: str, service: str, canary_version: str) -> Traffic:
@@ -272,7 +273,16 @@ def observe(vs: Obj | None, dr: Obj | None, *, namespace: str, service: str, can
         record=record,
         canary_subset_ready=subsets_with_canary(dr, subsets, canary_version) is None,
         production_promoted=subsets.named and subsets_promoted(dr, subsets, canary_version) is None,
+        production_version=_subset_version(dr, subsets.production),
     )
+
+
+def _subset_version(dr: Obj, name: str) -> str:
+    """The ``version`` label a DestinationRule subset selects; a subset named after its version otherwise."""
+    for subset in (dr.get("spec") or {}).get("subsets") or []:
+        if subset.get("name") == name:
+            return str((subset.get("labels") or {}).get(VERSION_LABEL) or name)
+    return name
 
 
 class Router:

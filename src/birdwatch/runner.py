@@ -27,6 +27,7 @@ from .providers.registry import DEFAULT, Providers, build_providers
 from .registry import CanaryFactory, Registry
 from .server import HealthServer
 from .spec import Phase
+from .updates import Updates
 
 log = structlog.get_logger(__name__)
 
@@ -202,10 +203,10 @@ class App:
             owners=lambda ns, name: self.registry.owner(ns, name) if self.registry else None,
         )
 
-        async def carry_out(obj: dict[str, Any], stop: asyncio.Event) -> Phase | None:
+        async def carry_out(obj: dict[str, Any], stop: asyncio.Event, updates: Updates) -> Phase | None:
             self.metrics.canaries.inc()
             try:
-                return await Canary(obj, ports, stop=stop).run()
+                return await Canary(obj, ports, stop=stop, updates=updates).run()
             finally:
                 self.metrics.canaries.dec()
 

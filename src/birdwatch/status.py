@@ -68,6 +68,9 @@ class Status:
     reason: str = ""  # the machine reason of the phase, as in the Event that announced it
     waiting_since: str | None = None  # when this generation began waiting (ready_timeout counts from here)
     request: Acknowledgement | None = None  # the last request (promote, abort, ...) and what came of it
+    production_value: float | None = None  # baseline: production: production's value at the last check
+    p_value: float | None = None  # analysis: mann-whitney: the last test's p-value
+    effect: float | None = None  # analysis: mann-whitney: canary's median minus production's
 
     def but(self, **changes: Any) -> Status:
         return replace(self, **changes)
@@ -89,9 +92,16 @@ class Status:
                 reason=str(raw.get("reason", "")),
                 waiting_since=raw.get("waitingSince"),
                 request=Acknowledgement.parse(raw.get("request")),
+                production_value=_number(raw.get("productionValue")),
+                p_value=_number(raw.get("pValue")),
+                effect=_number(raw.get("effect")),
             )
         except (KeyError, ValueError, TypeError):
             return None
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _conditions(status: Status) -> dict[str, tuple[str, str]]:
@@ -146,6 +156,9 @@ class StatusWriter:
             "reason": status.reason,
             "waitingSince": status.waiting_since,
             "request": status.request.body() if status.request else None,
+            "productionValue": status.production_value,
+            "pValue": status.p_value,
+            "effect": status.effect,
             "conditions": conditions,
         }
 

@@ -368,6 +368,8 @@ def test_deployment_is_locked_down_and_runs_with_leader_election(tmp_path: Path)
     local = tmp_path / "providers.yaml"
     local.write_text(providers_cm["data"]["providers.yaml"])
     values["BIRDWATCH_PROVIDERS_FILE"] = str(local)
+    # The notifiers file (the ConfigMap birdwatch-notifiers) is read and checked in tests/test_notifiers_file.py.
+    values["BIRDWATCH_NOTIFIERS_FILE"] = ""
     settings = settings_from(build_parser(values).parse_args(["run", *container.get("args", [])]), values)
     assert settings.providers == ()
     assert settings.leader.enabled

@@ -486,3 +486,48 @@ async def test_a_slack_thread_survives_sigkill_and_restart_mid_rollout(
     assert (update.text or "").startswith(":rocket:")
     assert "promoted" in (update.text or "")
     assert TOKEN not in first.text() + second.text()
+
+
+# --- spec.notify ---------------------------------------------------------------------------------------------------
+
+
+async def test_spec_notify_picks_notifiers_by_name_and_namespaces_still_filter(
+    services: Services,
+    cluster: Cluster,
+    admin_http: KubeHTTP,
+    control_plane: ControlPlane,
+    prometheus: PrometheusServer,
+    exporter: Exporter,
+) -> None:
+    ns = cluster.namespace
+    mesh(admin_http, ns)
+    exporter.set_gauge("bwtest_errors", 0.1, ns=ns)
+    await asyncio.to_thread(prometheus.wait_for_value, metric(ns), 0.1)
+    folder = services.file
+    discord = _secret(folder, "d", services.discord.url)
+    mm = _secret(folder, "m", services.mattermost.url)
+    hmac = _secret(folder, "hmac", HMAC_SECRET)
+    path = folder / "picked.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "notifiers": [
+                    {"name": "hooks", "type": "webhook", "url": services.hook.url, "secret_file": hmac},
+                    {"name": "discord", "type": "discord", "url_file": discord},
+                    {"name": "elsewhere", "type": "mattermost", "url_file": mm, "namespaces": ["other-team"]},
+                ]
+            }
+        )
+    )
+    async with controller(
+        control_plane, prometheus_url=prometheus.url, namespaces=[ns], extra=["--notifiers-file", str(path)]
+    ):
+        spec = {"metric": metric(ns), "max_weight": 10, "notify": ["hooks", "elsewhere", "nobody"]}
+        await cluster.create_bw(birdwatch("aleph", **spec))
+        await cluster.wait_phase("Promoted")
+        await services.hook.wait_for(2)  # default moments: started, promoted
+        await asyncio.sleep(0.5)
+    assert [e.get_type().rsplit(".", 1)[1] for e in services.hook.events] == ["started", "promoted"]
+    assert services.discord.requests == 0, "not named in spec.notify"
+    assert services.mattermost.requests == 0, "named, but its namespace filter does not match"
+    assert (await cluster.bw())["spec"]["notify"] == ["hooks", "elsewhere", "nobody"]

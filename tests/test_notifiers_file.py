@@ -149,3 +149,31 @@ def test_a_bad_notifiers_file_stops_birdwatch_at_start_with_exit_code_2(tmp_path
     assert done.code == 2, done
     assert "give exactly one of 'url' and 'url_file'" in done.stderr + done.stdout
     assert "SECRET" not in done.stderr + done.stdout
+
+
+def test_deploy_mounts_the_notifiers_file_where_birdwatch_reads_it(tmp_path: Path) -> None:
+    deploy = Path(__file__).parent.parent / "deploy"
+    [configmap] = yaml.safe_load_all((deploy / "notifiers.yaml").read_text())
+    assert (configmap["kind"], configmap["metadata"]["name"]) == ("ConfigMap", "birdwatch-notifiers")
+    assert "notifiers.yaml" in (deploy / "Kustomization").read_text()
+    pod = yaml.safe_load((deploy / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["notifiers"]["configMap"]["name"] == "birdwatch-notifiers"
+    assert env["BIRDWATCH_NOTIFIERS_FILE"] == f"{mounts['notifiers']}/notifiers.yaml"
+    assert volumes["notifier-secrets"]["secret"] == {"secretName": "birdwatch-notifier-secrets", "optional": True}
+    assert mounts["notifier-secrets"] == "/etc/birdwatch/notifier-secrets"
+    # What the ConfigMap holds is a notifiers file birdwatch accepts, and so is every example in its comment.
+    local = tmp_path / "notifiers.yaml"
+    local.write_text(configmap["data"]["notifiers.yaml"])
+    assert load_file(str(local)) == ()
+    text = (deploy / "notifiers.yaml").read_text()
+    example = "\n".join(line[3:] for line in text.splitlines() if line.startswith("#   ") or line == "#")
+    example = example[example.index("notifiers:") :]
+    raw = yaml.safe_load(example)
+    for item in raw["notifiers"]:
+        for key in [k for k in item if k.endswith("_file")]:
+            item[key] = secret(tmp_path, f"{item['name']}-{key}", "https://example.com/x" if "url" in key else "s")
+    assert [n.type for n in load_file(write(tmp_path, raw["notifiers"]))] == ["slack", "teams", "webhook"]

@@ -254,9 +254,12 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
     if args.providers_file:
         try:
             providers = tuple(load_providers_file(Path(args.providers_file)))
-            check_specs(providers)
         except ProviderConfigError as exc:
             raise ConfigError(str(exc)) from None
+        try:
+            check_specs(providers)
+        except ProviderConfigError as exc:
+            raise ConfigError(f"providers file {args.providers_file}: {exc}") from None
     notifiers = load_file(args.notifiers_file) if args.notifiers_file else ()
     legacy = slack_from_env(token=_env(env, "SLACK_API_TOKEN"), channel=args.slack_channel, api_url=args.slack_api_url)
     if legacy is not None:

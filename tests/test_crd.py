@@ -87,6 +87,8 @@ def test_each_description_states_the_default_and_range_the_schema_enforces() -> 
             assert f"Default {as_yaml(node['default'])}." in text, (path, text)
         if "minimum" in node and "maximum" in node:
             assert f"Range {node['minimum']}-{node['maximum']}" in text, (path, text)
+            if node.get("exclusiveMaximum"):
+                assert f"Range {node['minimum']}-{node['maximum']}, {node['maximum']} excluded" in text, (path, text)
         elif "minimum" in node:
             assert f">= {node['minimum']}" in text or f"{node['minimum']} or more" in text, (path, text)
         if "enum" in node and path.startswith("spec."):

@@ -10,8 +10,9 @@ What runs:
    with a 500, at 40 requests/s split by the VirtualService's current weights; Prometheus scrapes its Istio metrics.
 3. The real controller, ``.venv/bin/birdwatch run``, as a child process; its JSON log goes to
    ``.demo/birdwatch-<time>.log``.
-4. Scenario A: the example BirdWatch, at demo speed, releases v04 (healthy): promoted. Scenario B: the same
-   BirdWatch patched to canary_version v05 (failing): rolled back.
+4. Scenario A: the example BirdWatch, at demo speed, releases v04 (healthy); at 30 % a person pauses it with
+   ``kubectl birdwatch pause`` (the weight holds), then resumes it with ``kubectl birdwatch resume``: promoted.
+   Scenario B: the same BirdWatch patched to canary_version v05 (failing): rolled back.
 
 It shows a live line per canary (weight bar, the metric against its baseline, phase, all read from the BirdWatch's
 status), then a summary table. Exit 0 when A ends Promoted and B RolledBack, 1 otherwise, 2 when the sandbox is not
@@ -83,6 +84,7 @@ SEED = 4
 WINDOW = "10s"  # the metric's rate window: ten 1 s scrapes, so the ratio follows each step within seconds
 TERMINAL = ("Promoted", "RolledBack", "Frozen", "Failed")
 POLL = 0.25
+PAUSE_AT = 30  # scenario A's weight where a person pauses the rollout, for two intervals
 
 SERVICES = Resource("", "v1", "services", "Service")
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
@@ -161,6 +163,7 @@ class Screen:
         "Failed": "31",
         "Frozen": "33",
         "Progressing": "36",
+        "Paused": "35",
     }
 
     def __init__(self, stream: TextIO, *, tty: bool, color: bool) -> None:
@@ -169,7 +172,10 @@ class Screen:
         self._last_key: object = None
 
     def say(self, text: str = "") -> None:
+        # Below the live line, which stays as it is: a change after this line is printed, a repeat is not.
+        key = self._last_key
         self.settle()
+        self._last_key = key
         self.stream.write(text + "\n")
         self.stream.flush()
 
@@ -577,7 +583,13 @@ class Demo:
         self.created.append(created)
         a = Outcome("A healthy", CANARY, expected="Promoted")
         self.report.outcomes.append(a)
-        await self._follow(kube, ns, name, created["metadata"]["generation"], a, started, speed.timeout_a)
+        steering = asyncio.create_task(self._pause_and_resume(kube, ns, name, hold=2 * speed.interval))
+        try:
+            await self._follow(kube, ns, name, created["metadata"]["generation"], a, started, speed.timeout_a)
+        finally:
+            steering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await steering
         if not a.ok:
             self.report.outcomes.append(Outcome("B failing", FAILING, expected="RolledBack", phase="skipped"))
             return
@@ -597,6 +609,41 @@ class Demo:
         b = Outcome("B failing", FAILING, expected="RolledBack")
         self.report.outcomes.append(b)
         await self._follow(kube, ns, name, patched["metadata"]["generation"], b, started, speed.timeout_b)
+
+    async def _pause_and_resume(self, kube: Kube, ns: str, name: str, *, hold: float) -> None:
+        """What a person at a terminal does: at PAUSE_AT %, pause the rollout with the kubectl plugin, look for a
+        while (the weight holds), and resume it (the same rollout goes on, with the same baseline)."""
+
+        async def there() -> bool:
+            status = (await kube.get(BIRDWATCHES, ns, name)).get("status") or {}
+            return int(status.get("canaryWeight") or 0) >= PAUSE_AT
+
+        await eventually(f"the canary at {PAUSE_AT}%", there, timeout=60)
+        await self._plugin("pause", name, ns)
+        await asyncio.sleep(hold)
+        await self._plugin("resume", name, ns)
+
+    async def _plugin(self, action: str, name: str, ns: str) -> None:
+        command = Path(self.args.birdwatch).with_name("kubectl-birdwatch")
+        self.screen.say(f"   $ kubectl birdwatch {action} {name} -n {ns}")
+        proc = await asyncio.create_subprocess_exec(
+            str(command),
+            action,
+            name,
+            "-n",
+            ns,
+            "--kubeconfig",
+            self.target.kubeconfig,
+            env=clean_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        for line in out.decode(errors="replace").splitlines():
+            self.screen.say(f"   {line}")
+        if proc.returncode != 0:
+            raise DemoError(f"kubectl birdwatch {action} exited {proc.returncode}")
 
     async def _follow(
         self, kube: Kube, ns: str, name: str, generation: int, outcome: Outcome, started: float, timeout: float

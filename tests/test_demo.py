@@ -117,6 +117,12 @@ def test_demo_promotes_then_rolls_back(
     b = [g for g in live if g[0] == "v05"]
     assert sorted({int(g[2]) for g in a if g[5] == "Progressing"} - {0}) == list(range(10, 101, 10)), report
     assert (a[-1][5], a[-1][1]) == ("Promoted", "#" * 20), report
+    # A person paused A at 30 % with the kubectl plugin, and resumed it: the weight held, then went on.
+    assert said(r"^   \$ kubectl birdwatch pause aleph -n demo-[0-9a-f]+$", out)
+    assert said(r"^   paused at 30%$", out)
+    assert said(r"^   \$ kubectl birdwatch resume aleph -n demo-[0-9a-f]+$", out)
+    assert said(r"^   resumed: Progressing at [34]0%$", out)  # the check was due: it may step at once
+    assert any(g[5] == "Paused" and g[2] == "30" for g in a), report
     assert (b[-1][5], b[-1][4]) == ("RolledBack", "0.000"), report
     assert float(b[-1][3]) > 0.05, report
     for version in ("v04", "v05"):

@@ -271,9 +271,11 @@ def _spec_changed(ctx: _Ctx, record: Record) -> Decision:
         # Only ``paused`` changed: the same rollout under a new generation, nothing else to say.
         adopted = replace(record, generation=o.generation)
         phase = Phase.PAUSED if spec.paused else (Phase.PROGRESSING if record.baseline is not None else Phase.PENDING)
+        # The status goes on too (values, counts, the last request's acknowledgement), under the new generation.
+        status = o.status.but(observed_generation=o.generation, phase=phase, canary_weight=record.weight)
         return Decision(
             traffic=TrafficWrite(weight=record.weight, record=adopted, subsets=traffic.subsets),
-            status=ctx.status.but(phase=phase, canary_weight=record.weight, baseline=record.baseline),
+            status=status.but(baseline=record.baseline),
             notes=("paused" if spec.paused else "resumed",),
             wake=o.now,
         )

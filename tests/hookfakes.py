@@ -52,6 +52,8 @@ class _Faults:
     failing: int = 0
     status: int = 500
     hang: float = 0.0
+    limited: int = 0
+    retry_after: float = 1.0
 
 
 class HookFake:
@@ -105,6 +107,10 @@ class HookFake:
     def fail_next(self, n: int = 1, *, status: int = 500) -> None:
         self._faults.failing, self._faults.status = n, status
 
+    def rate_limit_next(self, n: int = 1, *, retry_after: float = 1.0) -> None:
+        """Answer the next ``n`` requests 429 with ``Retry-After`` (and Discord's ``retry_after`` in the body)."""
+        self._faults.limited, self._faults.retry_after = n, retry_after
+
     def hang(self, seconds: float) -> None:
         """Hold every answer from now on for ``seconds`` (0: prompt again)."""
         self._faults.hang = seconds
@@ -135,6 +141,14 @@ class HookFake:
         """Count the request and play the faults; a Response when a fault answers it."""
         self.requests += 1
         await self._notify()
+        if self._faults.limited > 0:
+            self._faults.limited -= 1
+            wait = self._faults.retry_after
+            return web.json_response(
+                {"message": "You are being rate limited.", "retry_after": wait, "global": False},
+                status=429,
+                headers={"Retry-After": f"{wait:g}"},
+            )
         if self._faults.failing > 0:
             self._faults.failing -= 1
             return web.json_response({"error": "injected"}, status=self._faults.status)

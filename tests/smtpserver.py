@@ -87,7 +87,10 @@ class SMTPServer:
         user = data.login.decode()
         ok = user == self.user and data.password.decode() == self._password
         self.logins.append((user, ok))
-        return AuthResult(success=ok, auth_data=user if ok else None)
+        if not ok:
+            # handled=False: aiosmtpd answers 535 itself (True would leave the client waiting for an answer).
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 (aiosmtpd's)
         if self.fail_with is not None:

@@ -4,19 +4,25 @@ retried CloudEvent keeps its id and signature, and that what fails is logged wit
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
 from birdwatch.notifiers.delivery import Delivery
+from birdwatch.notifiers.discord import body as discord_body
+from birdwatch.notifiers.discord import query as discord_query
+from birdwatch.notifiers.email import EmailSender, SMTPServer
 from birdwatch.notifiers.http import JSONWebhookSender
 from birdwatch.notifiers.teams import body as teams_body
 from birdwatch.notifiers.webhook import WebhookSender
 from birdwatch.notify import Moment, Notice
-from hookfakes import CloudEventsReceiver, FakeTeams
+from hookfakes import CloudEventsReceiver, FakeDiscord, FakeTeams
+from smtpserver import SMTPServer as RealSMTPServer
 
 SECRET = "hmac-secret-for-delivery-tests"
 SIG = "teamsSIGforDELIVERYtests0123"
@@ -142,3 +148,72 @@ async def test_a_wrong_teams_signature_is_refused_without_the_url_in_the_log(
     assert failure["status"] == 401
     assert "notTHEsignature0123" not in repr(logs)
     assert "/workflows/" not in repr(logs)
+
+
+async def test_discords_rate_limit_is_waited_out_then_delivered() -> None:
+    results: Results = []
+    async with FakeDiscord(token="discordTOKEN0123") as discord:
+        assert isinstance(discord, FakeDiscord)
+        delivery = Delivery(
+            name="discord",
+            sender=JSONWebhookSender(
+                kind="discord", url=discord.url, timeout=5, body=discord_body, query=discord_query
+            ),
+            on_result=lambda name, result: results.append((name, result)),
+            backoff=(0.1,),
+        )
+        await delivery.start()
+        discord.rate_limit_next(1, retry_after=1.0)
+        started = time.perf_counter()
+        delivery.notify(notice())
+        await discord.wait_for(1)
+        waited = time.perf_counter() - started
+        await delivery.close()
+    assert waited >= 1.0, f"Retry-After 1 not honoured ({waited:.2f}s)"
+    assert results == [("discord", "retried"), ("discord", "sent")]
+
+
+def mail(server: RealSMTPServer, *, password: str, results: Results) -> Delivery:
+    smtp = SMTPServer(
+        host="127.0.0.1",
+        port=server.port,
+        security="starttls",
+        username="bw",
+        password=password,
+        ca_file=str(server.ca_file),
+    )
+    return Delivery(
+        name="mail",
+        sender=EmailSender(server=smtp, sender="bw@example.com", to=("team@example.com",), timeout=5),
+        on_result=lambda name, result: results.append((name, result)),
+        backoff=(0.1,),
+    )
+
+
+async def test_an_smtp_4xx_is_retried_and_a_refused_login_is_not(
+    tmp_path: Path, logs: list[MutableMapping[str, Any]]
+) -> None:
+    async with RealSMTPServer(tmp_path, user="bw", password="right-password") as server:
+        assert isinstance(server, RealSMTPServer)
+        results: Results = []
+        server.fail_with = 451
+        delivery = mail(server, password="right-password", results=results)
+        await delivery.start()
+        delivery.notify(notice())
+        while not results:
+            await asyncio.sleep(0.02)
+        server.fail_with = None
+        await server.wait_for(1)
+        await delivery.close()
+        assert results == [("mail", "retried"), ("mail", "sent")]
+
+        refused: Results = []
+        delivery = mail(server, password="wrong-password-123", results=refused)
+        await delivery.start()
+        delivery.notify(notice(Moment.ROLLED_BACK))
+        await delivery.close()
+        assert refused == [("mail", "failed")]
+        assert server.logins[-1] == ("bw", False)
+    [failure] = [e for e in logs if e["event"] == "email notification failed"]
+    assert failure["status"] == 535
+    assert "wrong-password-123" not in repr(logs)

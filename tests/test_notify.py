@@ -482,3 +482,13 @@ async def test_a_new_notifier_with_the_same_store_goes_on_in_the_same_thread(sla
     parent, *replies = slack.messages
     assert [r.thread_ts for r in replies] == [parent.ts] * 3
     assert [u.ts for u in slack.updates] == [parent.ts]
+
+
+async def test_judged_against_production_the_message_says_so(slack: FakeSlack, notifiers: MakeNotifier) -> None:
+    notifier = await notifiers()
+
+    notifier.notify(notice(Moment.CHECK_FAILED, value=0.3, baseline=0.02, production_value=0.1, next_step="hold"))
+
+    [message] = await slack.wait_for_messages(1)
+    assert (message.text or "").endswith("(value 0.3 vs production 0.1)")
+    assert "next: hold" in str(message.blocks)

@@ -351,6 +351,7 @@ class Canary:
                     generation=self.generation,
                     next_step=next_step(moment, spec, weight=weight, failed_checks=self.status.failed_checks),
                     targets=spec.notify if spec else None,
+                    production_value=self.status.production_value,
                 )
             )
 

@@ -62,6 +62,8 @@ class Notice:
     """What happens next, e.g. "next step to 30% in 10s"."""
     targets: tuple[str, ...] | None = None
     """The notifiers the BirdWatch's ``spec.notify`` names; None: every notifier whose filters match."""
+    production_value: float | None = None
+    """With ``baseline: production``: production's value at the same check, what ``value`` was judged against."""
 
     @property
     def rollout(self) -> str:

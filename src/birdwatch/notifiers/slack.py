@@ -25,7 +25,7 @@ from birdwatch.kube import KubeError
 from birdwatch.notify import ENDINGS, Notice
 
 from .delivery import Delivery, OnResult, Verdict, detail
-from .text import HEADLINES, LOOKS, known, message, number
+from .text import HEADLINES, LOOKS, known, message, number, reading
 from .threads import MemoryThreads, Thread, ThreadStore
 
 __all__ = ["SlackNotifier", "SlackSender", "render"]
@@ -47,7 +47,9 @@ def render(notice: Notice) -> tuple[str, list[dict[str, Any]]]:
     text += HEADLINES[notice.moment]
     if notice.message:
         text += f". {_escape(message(notice))}"
-    if notice.value is not None and notice.baseline is not None:
+    if notice.value is not None and notice.production_value is not None:
+        text += f" ({reading(notice)})"
+    elif notice.value is not None and notice.baseline is not None:
         text += f" (value {number(notice.value)} vs baseline {number(notice.baseline)})"
     elif notice.value is not None:
         text += f" (value {number(notice.value)})"

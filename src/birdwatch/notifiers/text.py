@@ -81,7 +81,9 @@ def title(notice: Notice) -> str:
 
 
 def reading(notice: Notice) -> str:
-    """``value 0.31 vs baseline 0.02``, or "" when neither is known."""
+    """``value 0.31 vs baseline 0.02`` (or ``vs production 0.02``), or "" when neither is known."""
+    if notice.value is not None and notice.production_value is not None:
+        return f"value {number(notice.value)} vs production {number(notice.production_value)}"
     if notice.value is not None and notice.baseline is not None:
         return f"value {number(notice.value)} vs baseline {number(notice.baseline)}"
     if notice.value is not None:

@@ -40,6 +40,7 @@ def event(notice: Notice, *, event_id: str) -> CloudEvent:
         "weight": notice.weight,
         "value": notice.value,
         "baseline": notice.baseline,
+        "productionValue": notice.production_value,
         "message": notice.message,
         "next": notice.next_step,
     }

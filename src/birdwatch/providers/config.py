@@ -131,9 +131,10 @@ def _entry(index: int, entry: Any) -> ProviderSpec:
         raise ProviderConfigError(f"{where}: username must be a string")
     headers = _string_map(where, "headers", entry.get("headers"))
     header_files = {k: Path(v) for k, v in _string_map(where, "header_files", entry.get("header_files")).items()}
-    for header in ("password", "token", "api_key", "secret"):
-        if header in entry:
-            raise ProviderConfigError(f"{where}: {header} must come from a file ({header}_file), not the file itself")
+    for key in ("password", "token", "api_key", "secret"):
+        if key in entry:
+            # The providers file is a ConfigMap, readable by many: secrets belong in a Secret's files.
+            raise ProviderConfigError(f"{where}: {key} must come from a file ({key}_file), not the file itself")
     spec = ProviderSpec(
         name=name,
         type=kind,

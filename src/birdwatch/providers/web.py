@@ -19,9 +19,10 @@ import jsonpath
 
 from .config import ProviderConfigError, ProviderSpec
 from .errors import AmbiguousResult, BadQuery, Unavailable
-from .http import HttpProvider, snippet
+from .http import Answer, HttpProvider, snippet
 
 OPTIONS = frozenset({"method", "body"})
+_MAX_PATHS = 1024
 
 
 class WebProvider(HttpProvider):
@@ -63,7 +64,7 @@ class WebProvider(HttpProvider):
             )
         return _number(found[0], expression)
 
-    async def _fetch(self, bound: float) -> Any:
+    async def _fetch(self, bound: float) -> Answer:
         headers = {"Content-Type": "application/json"} if self._body is not None else None
         return await self._request(self._method, self._base, bound=bound, data=self._body, headers=headers)
 
@@ -74,7 +75,9 @@ class WebProvider(HttpProvider):
                 compiled = jsonpath.compile(expression)
             except jsonpath.JSONPathError as exc:
                 raise BadQuery(f"the JSONPath {expression!r} does not parse: {' '.join(str(exc).split())}") from None
-            # Canaries ask the same few paths every step; parse each once.
+            # Canaries ask the same few paths every step; parse each once (bounded: specs come and go).
+            if len(self._paths) >= _MAX_PATHS:
+                self._paths.clear()
             self._paths[expression] = compiled
         return compiled
 

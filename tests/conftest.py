@@ -22,6 +22,7 @@ from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
 from kit import Cluster
+from providerkit import backend_binaries, graphite, influx, victoria  # noqa: F401 - metric backends, once a session
 
 _servers: list[tuple[str, Path]] = []
 

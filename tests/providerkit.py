@@ -240,7 +240,7 @@ def providers_file(folder: Path, entries: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-# --- fixtures ---------------------------------------------------------------------------------------------------
+# --- fixtures (registered once, in conftest.py: imported into each test module they would start twice) -----------
 
 TYPES = ["victoriametrics", "influxdb", "graphite", "web", "loki", "datadog", "newrelic"]
 

@@ -26,9 +26,7 @@ from envtest.promserver import PrometheusServer
 from jsonserver import JsonServer
 from kit import controller, eventually
 from lokifake import FakeLoki
-from providerkit import backend_binaries, graphite, influx, providers_file, secret_file, victoria
-
-__all__ = ["backend_binaries", "graphite", "influx", "victoria"]  # session fixtures, found by pytest here
+from providerkit import providers_file, secret_file
 
 
 def provider(entry: dict[str, Any]) -> Provider:

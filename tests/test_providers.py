@@ -17,10 +17,9 @@ from birdwatch.kube import Invalid
 from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.promserver import PrometheusServer
 from kit import Cluster, birdwatch, controller, eventually, mesh
-from providerkit import TYPES, Backend, backend_binaries, backend_of, graphite, influx, providers_file, victoria
+from providerkit import TYPES, Backend, backend_of, providers_file
 
 pytestmark = pytest.mark.slow
-__all__ = ["backend_binaries", "graphite", "influx", "victoria"]  # session fixtures, found by pytest here
 
 
 class Run:

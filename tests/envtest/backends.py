@@ -95,7 +95,11 @@ bind-address = "127.0.0.1:{rpc}"
             "influxdb", [str(self.binary), "run", "-config", str(config)], self.workdir / "influxd.log"
         )
         self.server.start()
-        wait_until("InfluxDB /ping", lambda: _answers(f"{self.url}/ping", 204), timeout=30, server=self.server)
+        try:
+            wait_until("InfluxDB /ping", lambda: _answers(f"{self.url}/ping", 204), timeout=30, server=self.server)
+        except BaseException:
+            self.stop()  # a fixture whose set-up fails is never torn down
+            raise
 
     def query(self, q: str, *, db: str = "") -> dict[str, object]:
         params = urllib.parse.urlencode({"q": q, "db": db, "epoch": "s"})
@@ -141,9 +145,13 @@ class VictoriaMetrics:
         ]
         self.server = Server("victoria-metrics", argv, self.workdir / "victoria-metrics.log")
         self.server.start()
-        wait_until(
-            "VictoriaMetrics /-/ready", lambda: _answers(f"{self.url}/-/ready", 200), timeout=30, server=self.server
-        )
+        try:
+            wait_until(
+                "VictoriaMetrics /-/ready", lambda: _answers(f"{self.url}/-/ready", 200), timeout=30, server=self.server
+            )
+        except BaseException:
+            self.stop()  # a fixture whose set-up fails is never torn down
+            raise
 
     def push(self, text: str) -> None:
         status, body = http("POST", f"{self.url}/api/v1/import/prometheus", text.encode())
@@ -242,9 +250,14 @@ DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": "{sto
         carbon.start()
         web.start()
         self.servers = [carbon, web]
-        wait_until("carbon-cache's line receiver", lambda: _listening(self.line_port), timeout=30, server=carbon)
-        ready = f"{self.url}/render?target=constantLine(1)&format=json"
-        wait_until("graphite-web's render API", lambda: _answers(ready, 200), timeout=30, server=web)
+        try:
+            wait_until("carbon-cache's line receiver", lambda: _listening(self.line_port), timeout=30, server=carbon)
+            ready = f"{self.url}/render?target=constantLine(1)&format=json"
+            wait_until("graphite-web's render API", lambda: _answers(ready, 200), timeout=30, server=web)
+        except BaseException:
+            # A fixture whose set-up fails is never torn down: the half that started must not outlive the tests.
+            self.stop()
+            raise
 
     def send(self, path: str, value: float) -> None:
         """One point now, in carbon's plaintext protocol."""

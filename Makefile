@@ -40,7 +40,7 @@ wheel-check: ## the container image's install steps without Docker: wheel into a
 sandbox-up: install assets ## etcd, kube-apiserver, controller-manager, scheduler, kwok nodes, Prometheus in the background (.sandbox/env)
 	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox up
 
-demo: sandbox-up ## two canaries on the sandbox with the real birdwatch: v04 promoted, v05 rolled back (~50 s; log in .demo/)
+demo: sandbox-up ## canaries on the sandbox with the real birdwatch: v04 paused and promoted, v05 rolled back, then promoted against a drifting production (~80 s; log in .demo/)
 	PYTHONPATH=tests $(BIN)/python hack/demo.py $(DEMO_ARGS)
 
 sandbox-down: install ## stop the sandbox

@@ -12,7 +12,10 @@ What runs:
    ``.demo/birdwatch-<time>.log``.
 4. Scenario A: the example BirdWatch, at demo speed, releases v04 (healthy); at 30 % a person pauses it with
    ``kubectl birdwatch pause`` (the weight holds), then resumes it with ``kubectl birdwatch resume``: promoted.
-   Scenario B: the same BirdWatch patched to canary_version v05 (failing): rolled back.
+   Scenario B: the same BirdWatch patched to canary_version v05 (failing): rolled back. Scenario C: v05 fixed, while
+   a shared dependency makes every version, production too, fail 15 % of its requests: judged against its first
+   value (0, before it has traffic) it would be rolled back; judged against production as it is now
+   (``baseline: production``) it is promoted.
 
 It shows a live line per canary (weight bar, the metric against its baseline, phase, all read from the BirdWatch's
 status), then a summary table. Exit 0 when A ends Promoted and B RolledBack, 1 otherwise, 2 when the sandbox is not
@@ -33,6 +36,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import secrets
@@ -85,6 +89,9 @@ WINDOW = "10s"  # the metric's rate window: ten 1 s scrapes, so the ratio follow
 TERMINAL = ("Promoted", "RolledBack", "Frozen", "Failed")
 POLL = 0.25
 PAUSE_AT = 30  # scenario A's weight where a person pauses the rollout, for two intervals
+# Scenario C: the drift every version suffers, the deviation allowed against production, and the load that keeps a
+# 10 % canary's ratio steady enough for it (200 of its requests per 10 s window: noise about 0.03, well under 0.1).
+DRIFT_RATE, DRIFT_DEVIATION, DRIFT_RPS = 0.15, 0.1, 200.0
 
 SERVICES = Resource("", "v1", "services", "Service")
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
@@ -559,11 +566,11 @@ class Demo:
         await controller.wait_ready(timeout=30)
         say(f"> birdwatch run (pid {controller.pid}) ready; JSON log {display(self.report.log)}")
 
-        await self._scenarios(kube, ns, birdwatch)
+        await self._scenarios(kube, ns, birdwatch, sim)
         self.report.served = await self._served(ns)
         self.report.keep_objects = self.args.keep or not all(o.ok for o in self.report.outcomes)
 
-    async def _scenarios(self, kube: Kube, ns: str, example: Obj) -> None:
+    async def _scenarios(self, kube: Kube, ns: str, example: Obj, sim: MeshSim) -> None:
         speed, say = self.speed, self.screen.say
         spec = example["spec"]
         bw = copy.deepcopy(example)
@@ -609,6 +616,55 @@ class Demo:
         b = Outcome("B failing", FAILING, expected="RolledBack")
         self.report.outcomes.append(b)
         await self._follow(kube, ns, name, patched["metadata"]["generation"], b, started, speed.timeout_b)
+        if not b.ok:
+            self.report.outcomes.append(Outcome("C drift", FAILING, expected="Promoted", phase="skipped"))
+            return
+
+        say()
+        say(
+            f"C  {FAILING} fixed; meanwhile a shared dependency fails {DRIFT_RATE:.0%} of every version's requests, "
+            f"production {CANARY}'s too. Against its first value (0, before it has traffic) the canary would look "
+            f"{DRIFT_RATE} worse and be rolled back; judged against production as it is now (baseline: production, "
+            f"deviation {DRIFT_DEVIATION}) it is as healthy"
+        )
+        for version in (PRODUCTION, CANARY, FAILING):
+            sim.set_error_rate(version, DRIFT_RATE)
+        sim.set_rps(DRIFT_RPS)
+        await self._drifted(ns, spec["metric"])
+        say(f"   production {CANARY} now fails {DRIFT_RATE:.0%} of its requests; {FAILING}'s earlier failures are gone")
+        started = time.monotonic()
+        patched = await kube.merge_patch(
+            BIRDWATCHES,
+            ns,
+            name,
+            {
+                "spec": {
+                    "metric": demo_metric(spec["metric"], ns, "{{version}}"),
+                    "baseline": "production",
+                    "deviation": DRIFT_DEVIATION,
+                    "max_weight": 50,
+                }
+            },
+        )
+        c = Outcome("C drift", FAILING, expected="Promoted")
+        self.report.outcomes.append(c)
+        await self._follow(kube, ns, name, patched["metadata"]["generation"], c, started, speed.timeout_b)
+
+    async def _drifted(self, ns: str, example_metric: str) -> None:
+        """Until Prometheus sees production failing at the drift's rate, and no longer sees B's failures of the canary
+        (its metric's window holds no requests of it: 0/0, which is NaN to Prometheus and no data to birdwatch)."""
+        production = demo_metric(example_metric, ns, CANARY)
+        canary = demo_metric(example_metric, ns, FAILING)
+
+        async def value(query: str) -> float:
+            rows = await promql(self.target.prometheus_url, query)
+            return float(rows[0]["value"][1]) if rows else math.nan
+
+        async def ready() -> bool:
+            drifted, old = await value(production), await value(canary)
+            return drifted >= DRIFT_RATE * 0.8 and (math.isnan(old) or old == 0)
+
+        await eventually("production's drift and the canary's clean window", ready, timeout=40)
 
     async def _pause_and_resume(self, kube: Kube, ns: str, name: str, *, hold: float) -> None:
         """What a person at a terminal does: at PAUSE_AT %, pause the rollout with the kubectl plugin, look for a
@@ -841,7 +897,13 @@ def finish(report: Report, screen: Screen, error: DemoError | None, sig: signal.
         why = "; ".join(f"{o.scenario} ended {o.phase}, not {o.expected}" for o in failed)
         say(screen.paint(f"demo FAILED: {why}", "31"))
         return 1
-    say(screen.paint(f"demo passed in {took:.0f}s: {CANARY} promoted, {FAILING} rolled back", "32"))
+    say(
+        screen.paint(
+            f"demo passed in {took:.0f}s: {CANARY} promoted, {FAILING} rolled back, "
+            f"{FAILING} fixed promoted against a drifting production",
+            "32",
+        )
+    )
     return 0
 
 

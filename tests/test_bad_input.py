@@ -501,7 +501,8 @@ class EchoingPrometheus:
     ``echo_503``     503 in Prometheus's JSON (retried by birdwatch), the header in its error
     ``proxy_407``    407 from a proxy, a short text body with the header
     ``proxy_502``    502 from a proxy, an HTML page echoing the header after ``pad`` characters
-    ``then_401``     the first query answers 0; the later ones are refused as refuse_401
+    ``then_401``     the first two queries (the query's early check, the baseline) answer 0; later ones are
+                     refused as refuse_401
     ``/-/ready``     401 with the header in the body
     """
 
@@ -543,7 +544,7 @@ class EchoingPrometheus:
         self.queries[query] += 1
         echo = self._echo(request)
         header = request.headers.get("Authorization", "")
-        if "then_401" in query and self.queries[query] == 1:
+        if "then_401" in query and self.queries[query] <= 2:
             return web.json_response({"status": "success", "data": {"resultType": "scalar", "result": [0, "0"]}})
         if "refuse_401" in query or "then_401" in query:
             return web.Response(status=401, reason=f"Unauthorized {header}", text=f"denied: {echo}")

@@ -61,7 +61,7 @@ def summary_rows(stdout: str) -> list[list[str]]:
     header = next(i for i, line in enumerate(lines) if line.startswith("scenario  "))
     rows = []
     for line in lines[header + 1 :]:
-        if not line.startswith(("A ", "B ")):
+        if not line.startswith(("A ", "B ", "C ")):
             break
         rows.append(re.split(r"\s{2,}", line))
     return rows
@@ -104,17 +104,23 @@ def test_demo_promotes_then_rolls_back(
     out = done.stdout
     report = f"exit code {done.returncode} after {took:.0f}s\n--- stdout:\n{out}--- stderr:\n{done.stderr}"
     assert done.returncode == 0, report
-    assert took < 90, report
+    assert took < 120, report  # three scenarios at --fast speed take about a minute
     assert "\x1b[" not in out, "no terminal escapes when stdout is not a terminal"
 
     rows = summary_rows(out)
-    assert [row[:3] for row in rows] == [["A healthy", "v04", "Promoted"], ["B failing", "v05", "RolledBack"]], report
+    assert [row[:3] for row in rows] == [
+        ["A healthy", "v04", "Promoted"],
+        ["B failing", "v05", "RolledBack"],
+        ["C drift", "v05", "Promoted"],
+    ], report
     assert said(r"^demo passed in \d+s", out)
 
     # The live lines: read from the BirdWatch's status, printed only when something changed (stdout is a pipe).
-    live = [m.groups() for m in map(LIVE_LINE.match, out.splitlines()) if m]
+    before_c, _, during_c = out.partition("\nC  ")
+    live = [m.groups() for m in map(LIVE_LINE.match, before_c.splitlines()) if m]
     a = [g for g in live if g[0] == "v04"]
     b = [g for g in live if g[0] == "v05"]
+    c = [m.groups() for m in map(LIVE_LINE.match, during_c.splitlines()) if m]
     assert sorted({int(g[2]) for g in a if g[5] == "Progressing"} - {0}) == list(range(10, 101, 10)), report
     assert (a[-1][5], a[-1][1]) == ("Promoted", "#" * 20), report
     # A person paused A at 30 % with the kubectl plugin, and resumed it: the weight held, then went on.
@@ -125,6 +131,12 @@ def test_demo_promotes_then_rolls_back(
     assert any(g[5] == "Paused" and g[2] == "30" for g in a), report
     assert (b[-1][5], b[-1][4]) == ("RolledBack", "0.000"), report
     assert float(b[-1][3]) > 0.05, report
+    # C: production drifted to 15 % errors and the canary with it; judged against production, it was promoted.
+    assert said(r"^   production v04 now fails 15% of its requests; v05's earlier failures are gone$", out)
+    assert (c[-1][5], c[-1][2]) == ("Promoted", "100"), report
+    assert float(c[-1][3]) > 0.1, (
+        report
+    )  # more than the deviation above its first value: baseline: first would not pass
     for version in ("v04", "v05"):
         states = [(w, value, base, phase) for v, _, w, value, base, phase in live if v == version]
         assert all(x != y for x, y in itertools.pairwise(states)), f"a line repeated without a change:\n{out}"
@@ -136,7 +148,7 @@ def test_demo_promotes_then_rolls_back(
     assert entries, log
     assert all(isinstance(e, dict) for e in entries), log
     ended = [e.get("phase") for e in entries if e.get("event") == "rollout ended"]
-    assert ended == ["Promoted", "RolledBack"], ended
+    assert ended == ["Promoted", "RolledBack", "Promoted"], ended
 
     # Nothing left running or scraped; the namespace and everything in it are deleted (by the namespace controller,
     # after the demo has returned).

@@ -120,8 +120,10 @@ class Canary:
         )
         if self.spec is not None:
             structlog.contextvars.bind_contextvars(service=self.spec.service, version=self.spec.canary_version)
+        first = True
         while True:
-            decision = await self._round()
+            decision = await self._round(announce=first)
+            first = False
             if decision.stop:
                 log.info("canary task stopped", weight=self.weight)
                 return None
@@ -131,11 +133,13 @@ class Canary:
                 log.info("canary task stopped", weight=self.weight)
                 return None
 
-    async def _round(self) -> Decision:
+    async def _round(self, *, announce: bool = False) -> Decision:
         """One observe-decide-act round. Whatever fails is kept for the next round to report."""
         observed: Observed | None = None
         try:
             observed = await self._observe()
+            if announce:
+                self._announce(observed.traffic.record)
             decision = decide(observed)
             while decision.need is not None:
                 observed = await self._gather(observed, decision.need)
@@ -220,6 +224,11 @@ class Canary:
             stopping=self._stop.is_set(),
             poll=self._ports.ready_poll,
         )
+
+    def _announce(self, record: Record | None) -> None:
+        """Say once, at the start, that this task picks up a rollout already under way (a restart, a failover)."""
+        if record is not None and record.uid == self.uid and not record.done and record.generation == self.generation:
+            log.info("resuming rollout", weight=record.weight, baseline=record.baseline, step_time=record.step_time)
 
     def _request(self) -> Request | None:
         """A person's request that this BirdWatch's status has not acknowledged yet."""
@@ -308,6 +317,9 @@ class Canary:
             self.weight = write.weight
             structlog.contextvars.bind_contextvars(weight=write.weight)
             metrics.canary_weight.labels(self.namespace, self.name).set(write.weight)
+            before = observed.traffic.record
+            if write.record.step_time and not write.record.done and write.weight > (before.weight if before else 0):
+                log.info("traffic shifted")  # one line per step, for people following the log
         if decision.status is not None:
             await self._writer.write(decision.status)
             self.status = decision.status
@@ -322,6 +334,8 @@ class Canary:
         if decision.ended is not None:
             metrics.rollouts.labels(decision.ended.value).inc()
             weight = decision.status.canary_weight if decision.status else self.weight
+            if decision.ended is Phase.FAILED and decision.status is not None:
+                log.error("rollout failed", reason=decision.status.reason, detail=decision.status.message)
             log.info("rollout ended", phase=decision.ended.value, weight=weight)
 
     def _tell(self, say: Say) -> None:

@@ -641,9 +641,7 @@ def _promote(ctx: _Ctx, record: Record, value: float | None, why: str) -> Decisi
         destination_rule=DestinationRuleChange.PROMOTE if named else None,
         traffic=TrafficWrite(
             weight=weight,
-            record=_record(
-                ctx, weight=weight, baseline=record.baseline, step_time=record.step_time, done=Phase.PROMOTED
-            ),
+            record=_record(ctx, weight=weight, baseline=record.baseline, done=Phase.PROMOTED),
             subsets=traffic.subsets,
         ),
     )
@@ -668,9 +666,7 @@ def _unhealthy(
         return ending.but(
             traffic=TrafficWrite(
                 weight=0,
-                record=_record(
-                    ctx, weight=0, baseline=record.baseline, step_time=record.step_time, done=Phase.ROLLED_BACK
-                ),
+                record=_record(ctx, weight=0, baseline=record.baseline, done=Phase.ROLLED_BACK),
                 subsets=traffic.subsets,
             ),
             say=(alarm, *ending.say),
@@ -805,7 +801,6 @@ def _requested(ctx: _Ctx, request: Request, record: Record | None) -> Decision:
             ctx,
             weight=0,
             baseline=record.baseline if record else None,
-            step_time=record.step_time if record else None,
             done=Phase.ROLLED_BACK,
         )
         ack = _acknowledge(ctx, request, "Done", message)

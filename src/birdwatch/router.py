@@ -300,6 +300,9 @@ class Router:
         self.canary_version = canary_version
         self.vs: Obj | None = None
         self.dr: Obj | None = None
+        # The last observation and the objects it was made of: a step observes the same kept objects several
+        # times, and reading them (subsets, weights, the record) is the most expensive part of a round.
+        self._observed: tuple[Obj | None, Obj | None, Traffic] | None = None
 
     async def fetch(self) -> None:
         """Read whichever object is not kept (never read, deleted, or stale after a conflict)."""
@@ -313,9 +316,14 @@ class Router:
         self.vs = self.dr = None
 
     def observe(self) -> Traffic:
-        return observe(
+        cached = self._observed
+        if cached is not None and cached[0] is self.vs and cached[1] is self.dr:
+            return cached[2]
+        traffic = observe(
             self.vs, self.dr, namespace=self.namespace, service=self.service, canary_version=self.canary_version
         )
+        self._observed = (self.vs, self.dr, traffic)
+        return traffic
 
     def canary_labels(self) -> dict[str, str]:
         """The labels the canary subset selects pods by (at least ``version: <canary_version>``)."""

@@ -12,11 +12,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
-from .kube import BIRDWATCHES, Gone, Kube, KubeError, Obj
-from .registry import Key, Registry
+from .kube import BIRDWATCHES, Gone, Kube, KubeError, Obj, Resource
+from .registry import Key
 
 log = structlog.get_logger(__name__)
 
@@ -28,16 +29,31 @@ class WatchSettings:
     backoff_max: float = 30.0
 
 
+class Sink(Protocol):
+    """What a watch feeds: the registry for BirdWatches, the ending audit for VirtualServices and DestinationRules."""
+
+    def sync(self, objs: list[Obj], *, scope: Callable[[Key], bool]) -> None: ...
+    def observe(self, obj: Obj) -> None: ...
+    def forget(self, namespace: str, name: str) -> None: ...
+
+
 class Watcher:
-    """Feeds one scope's BirdWatch events into the registry until cancelled."""
+    """Feeds one scope's events of one resource (BirdWatches unless told) into a sink until cancelled."""
 
     def __init__(
-        self, kube: Kube, registry: Registry, *, namespace: str | None, settings: WatchSettings = WatchSettings()
+        self,
+        kube: Kube,
+        registry: Sink,
+        *,
+        namespace: str | None,
+        settings: WatchSettings = WatchSettings(),
+        resource: Resource = BIRDWATCHES,
     ) -> None:
         self._kube = kube
         self._registry = registry
         self._namespace = namespace
         self._settings = settings
+        self._resource = resource
         self.established = asyncio.Event()  # set once the first LIST has been reconciled
         self.relists = 0
 
@@ -53,17 +69,22 @@ class Watcher:
         while True:
             try:
                 if resource_version is None:
-                    items, resource_version = await self._kube.list(BIRDWATCHES, self._namespace)
+                    items, resource_version = await self._kube.list(self._resource, self._namespace)
                     for item in items:  # LIST items carry no apiVersion/kind of their own
-                        item.setdefault("apiVersion", BIRDWATCHES.api_version)
-                        item.setdefault("kind", BIRDWATCHES.kind)
+                        item.setdefault("apiVersion", self._resource.api_version)
+                        item.setdefault("kind", self._resource.kind)
                     self._registry.sync(items, scope=self._in_scope())
                     self.relists += 1
                     self.established.set()
-                    log.info("listed birdwatches", scope=scope, count=len(items), resource_version=resource_version)
+                    log.info(
+                        f"listed {self._resource.plural}",
+                        scope=scope,
+                        count=len(items),
+                        resource_version=resource_version,
+                    )
                 opened = time.monotonic()
                 async for event in self._kube.watch(
-                    BIRDWATCHES,
+                    self._resource,
                     self._namespace,
                     resource_version=resource_version,
                     timeout_seconds=self._settings.timeout_seconds,

@@ -59,6 +59,8 @@ class Registry:
         self._on_forget = on_forget
         self._entries: dict[Key, Entry] = {}
         self._objects: dict[Key, Obj] = {}
+        # Which BirdWatches serve which VirtualService, for the ending audit's look-ups on every change of one.
+        self._by_service: dict[tuple[str, str], set[Key]] = {}
         # (uid, generation) whose rollout ended here: later echoes of our own status writes must not restart it.
         self._finished: dict[Key, tuple[str, int]] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -69,6 +71,27 @@ class Registry:
 
     def owner(self, namespace: str, name: str) -> Obj | None:
         return self._objects.get((namespace, name))
+
+    def ended(self, namespace: str, service: str) -> list[Obj]:
+        """The BirdWatches of ``service`` in ``namespace`` whose rollout ended Promoted or RolledBack (this spec's)."""
+        endings = (Phase.PROMOTED.value, Phase.ROLLED_BACK.value)
+        found = []
+        for key in self._by_service.get((namespace, service), ()):
+            obj = self._objects[key]
+            status = obj.get("status") or {}
+            if status.get("phase") in endings and status.get("observedGeneration") == obj["metadata"].get("generation"):
+                found.append(obj)
+        return found
+
+    def _index(self, key: Key, obj: Obj | None) -> None:
+        """Keep ``_by_service`` (namespace, service) -> BirdWatches up to date; ``obj`` None: forgotten."""
+        old = self._objects.get(key)
+        if old is not None:
+            before = (key[0], str((old.get("spec") or {}).get("service", "")))
+            self._by_service.get(before, set()).discard(key)
+        if obj is not None:
+            after = (key[0], str((obj.get("spec") or {}).get("service", "")))
+            self._by_service.setdefault(after, set()).add(key)
 
     def tasks(self) -> list[asyncio.Task[Phase | None]]:
         return [e.task for e in self._entries.values() if e.task is not None]
@@ -81,6 +104,7 @@ class Registry:
         key = key_of(obj)
         meta = obj["metadata"]
         uid, generation = str(meta.get("uid", "")), int(meta.get("generation", 1))
+        self._index(key, obj)
         self._objects[key] = obj
         entry = self._entries.get(key)
         if entry is not None and entry.uid == uid and entry.generation == generation:
@@ -115,6 +139,7 @@ class Registry:
     def forget(self, namespace: str, name: str) -> None:
         """The BirdWatch was deleted: stop its task, leave the traffic where it is."""
         key = (namespace, name)
+        self._index(key, None)
         self._objects.pop(key, None)
         self._finished.pop(key, None)
         entry = self._entries.pop(key, None)

@@ -16,8 +16,9 @@ import structlog
 from .canary import Canary, Ports
 from .config import Settings
 from .controller import Watcher, WatchSettings
+from .endings import EndingAudit
 from .events import EventRecorder
-from .kube import Kube
+from .kube import DESTINATIONRULES, VIRTUALSERVICES, Kube
 from .metrics import Metrics
 from .notifiers.hub import build as build_notifiers
 from .notify import Moment, Notice, Notifier
@@ -113,7 +114,7 @@ class App:
             self._prometheus_task = asyncio.create_task(
                 self._monitor_providers(providers, notifier), name="provider-monitor"
             )
-            await self._lead(lambda: self._work(kube, factory))
+            await self._lead(lambda: self._work(kube, factory, events))
         finally:
             log.info("shutting down")
             if self._prometheus_task is not None:
@@ -157,7 +158,7 @@ class App:
 
         await elector.run(work, stop=self._stop, on_change=leading)
 
-    async def _work(self, kube: Kube, factory: CanaryFactory) -> None:
+    async def _work(self, kube: Kube, factory: CanaryFactory, events: EventRecorder) -> None:
         """One term of work (the whole run without leader election): watch and carry out canaries until stopped,
         or until leadership is lost (then this is cancelled). A crashed watch loop ends the term with an error."""
         registry = Registry(factory, grace=self._grace(), on_forget=self.metrics.forget)
@@ -168,6 +169,14 @@ class App:
         self._watch_tasks = [
             asyncio.create_task(w.run(), name=f"watch {ns or '*'}") for w, ns in zip(self.watchers, scopes, strict=True)
         ]
+        # Ended rollouts stay watched: their VirtualService and DestinationRule must keep showing the ending.
+        audit = EndingAudit(kube, registry, events)
+        for resource in (VIRTUALSERVICES, DESTINATIONRULES):
+            for ns in scopes:
+                watcher = Watcher(kube, audit, namespace=ns, settings=settings, resource=resource)
+                self._watch_tasks.append(
+                    asyncio.create_task(watcher.run(), name=f"audit {resource.plural} {ns or '*'}")
+                )
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stop, *self._watch_tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -180,6 +189,7 @@ class App:
                 task.cancel()
             await asyncio.gather(*self._watch_tasks, return_exceptions=True)
             self._watch_tasks = []
+            await audit.close()
             await registry.close()
             self.metrics.canaries.set(0)
 

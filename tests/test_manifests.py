@@ -556,7 +556,7 @@ async def test_a_whole_rollout_under_the_service_account(
     # Events created (events create): the recorder flushes its queue when birdwatch stops.
     events = await cluster.events()
     reasons = [e["reason"] for e in events]
-    assert {"RolloutStarted", "TrafficShifted", "Promoted"} <= set(reasons), reasons
+    assert {"RolloutStarted", "Promoted"} <= set(reasons), reasons
     assert all(e["reportingComponent"] == "birdwatch" for e in events)
     # Leases get/update: stopping released the Lease (the holder is cleared), as a rolling update of the pods would.
     released = await cluster.kube.get(LEASES, SYSTEM_NS, lease_name)

@@ -344,7 +344,8 @@ class Canary:
             if (reason, message) in self._said:
                 return  # one Event per distinct message, not one per retry
             self._said.add((reason, message))
-        self._ports.events.record(self._ref, type=kind, reason=reason, message=message)
+        if say.event:
+            self._ports.events.record(self._ref, type=kind, reason=reason, message=message)
         (log.warning if kind == "Warning" else log.info)("rollout moment", reason=reason, detail=message)
         if moment is not None:
             spec = self.spec

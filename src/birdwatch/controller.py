@@ -48,12 +48,14 @@ class Watcher:
         namespace: str | None,
         settings: WatchSettings = WatchSettings(),
         resource: Resource = BIRDWATCHES,
+        wanted: Callable[[bytes], bool] | None = None,
     ) -> None:
         self._kube = kube
         self._registry = registry
         self._namespace = namespace
         self._settings = settings
         self._resource = resource
+        self._wanted = wanted  # a cheap look at each raw event: the ones it declines are not even decoded
         self.established = asyncio.Event()  # set once the first LIST has been reconciled
         self.relists = 0
 
@@ -89,6 +91,7 @@ class Watcher:
                     resource_version=resource_version,
                     timeout_seconds=self._settings.timeout_seconds,
                     read_timeout=self._settings.read_timeout,
+                    wanted=self._wanted,
                 ):
                     failures = 0
                     obj = event.object

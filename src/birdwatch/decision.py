@@ -142,6 +142,7 @@ class Say:
     message: str
     moment: Moment | None = None
     value: float | None = None
+    event: bool = True  # False: logged and notified, but no Kubernetes Event (per-step progress is in status)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -596,6 +597,9 @@ def _step(ctx: _Ctx, record: Record, *, baseline: float, last_value: float | Non
                 reason="TrafficShifted",
                 message=f"canary weight {weight}% (production {100 - weight}%)",
                 moment=Moment.STEP,
+                # An Event per step would be a third API write per step for what status and the log already say;
+                # Events are for the moments that change the story (start, failed checks, requests, the ending).
+                event=False,
             ),
         ),
         wake=o.now + _first_look(spec),

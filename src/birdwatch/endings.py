@@ -22,13 +22,14 @@ import structlog
 from .events import EventRecorder, ObjectRef
 from .kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Kube, KubeError, NotFound, Obj, Resource
 from .registry import Key, Registry
-from .router import observe, same_host
+from .router import RECORD_ANNOTATION, observe, same_host
 from .spec import Phase
 from .status import now_rfc3339
 
 log = structlog.get_logger(__name__)
 
 CONDITION = "EndingHolds"
+RECORD_KEY = RECORD_ANNOTATION.encode()
 
 
 def broken(ending: Phase, *, vs: Obj | None, dr: Obj | None, namespace: str, service: str, canary: str) -> str | None:
@@ -72,6 +73,13 @@ def _share_of(vs: Obj, dr: Obj, subset: str) -> int:
                 )
             )
     return min(shares, default=0)
+
+
+def about_an_ending(line: bytes) -> bool:
+    """Whether a VirtualService's raw watch event may concern an ended rollout: it carries no rollout record (a
+    replace may have dropped it), or one that says done. Every step of every rollout under way comes back through
+    this watch, with a record that says not done: those are not worth decoding."""
+    return RECORD_KEY not in line or b'\\"done\\":true' in line
 
 
 class EndingAudit:

@@ -518,8 +518,12 @@ class Kube:
         resource_version: str,
         timeout_seconds: int = 300,
         read_timeout: float = 90.0,
+        wanted: Callable[[bytes], bool] | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """Stream events from ``resource_version`` until the server ends the watch (after ``timeout_seconds``).
+
+        ``wanted`` looks at each event's raw line first: an event it declines is not decoded (bookmarks and
+        errors always are, so the resourceVersion still advances and failures still raise).
 
         A stream silent for ``read_timeout`` seconds raises ``KubeError`` (bookmarks arrive about once a minute,
         so silence means a dead connection). An ERROR event becomes ``Gone`` (410) or ``KubeError``.
@@ -552,6 +556,8 @@ class Kube:
                         raise _error(resp.status, await resp.read(), method="GET", path=path)
                     async for line in resp.content:
                         if not line.strip():
+                            continue
+                        if wanted is not None and not (b'"BOOKMARK"' in line or b'"ERROR"' in line or wanted(line)):
                             continue
                         event = json.loads(line)
                         kind, obj = event.get("type", ""), event.get("object") or {}

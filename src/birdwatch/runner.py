@@ -16,7 +16,7 @@ import structlog
 from .canary import Canary, Ports
 from .config import Settings
 from .controller import Watcher, WatchSettings
-from .endings import EndingAudit
+from .endings import EndingAudit, about_an_ending
 from .events import EventRecorder
 from .kube import DESTINATIONRULES, VIRTUALSERVICES, Kube
 from .metrics import Metrics
@@ -173,7 +173,8 @@ class App:
         audit = EndingAudit(kube, registry, events)
         for resource in (VIRTUALSERVICES, DESTINATIONRULES):
             for ns in scopes:
-                watcher = Watcher(kube, audit, namespace=ns, settings=settings, resource=resource)
+                wanted = about_an_ending if resource is VIRTUALSERVICES else None
+                watcher = Watcher(kube, audit, namespace=ns, settings=settings, resource=resource, wanted=wanted)
                 self._watch_tasks.append(
                     asyncio.create_task(watcher.run(), name=f"audit {resource.plural} {ns or '*'}")
                 )

@@ -8,7 +8,10 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from birdwatch.cli import build_parser
 from birdwatch.config import settings_from
@@ -308,6 +311,40 @@ def canary_steps(history: list[dict[str, int]], canary: str) -> list[int]:
         if not steps or steps[-1] != weight:
             steps.append(weight)
     return steps
+
+
+def account_kubeconfig(
+    admin: KubeHTTP, plane: ControlPlane, *, namespace: str, name: str, folder: Path, role: tuple[str, str]
+) -> Path:
+    """A ServiceAccount ``name`` in ``namespace`` bound there to ``role`` (kind, name: a Role or ClusterRole), and a
+    kubeconfig with a token of it minted through the TokenRequest API: birdwatch or a person with just that RBAC."""
+    admin.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}})
+    admin.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role[0], "name": role[1]},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        }
+    )
+    status, body = admin.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
+    )
+    assert status == 201, body
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "envtest", "cluster": {"server": plane.url, "certificate-authority": str(plane.ca)}}],
+        "users": [{"name": name, "user": {"token": body["status"]["token"]}}],
+        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": name, "namespace": namespace}}],
+        "current-context": "envtest",
+    }
+    path = folder / f"{name}.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def settings(

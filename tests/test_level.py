@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from envtest.assets import REPO, Assets
 from envtest.controlplane import ControlPlane, KubeHTTP
@@ -18,6 +17,7 @@ from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
 from kit import (
     Cluster,
+    account_kubeconfig,
     apply_all,
     birdwatch,
     canary_steps,
@@ -158,36 +158,6 @@ def _role(namespace: str, *, vs_verbs: list[str]) -> Obj:
     }
 
 
-def service_account_kubeconfig(admin: KubeHTTP, plane: ControlPlane, namespace: str, folder: Path) -> Path:
-    admin.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bw", "namespace": namespace}})
-    admin.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "birdwatch", "namespace": namespace},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "birdwatch"},
-            "subjects": [{"kind": "ServiceAccount", "name": "bw", "namespace": namespace}],
-        }
-    )
-    status, body = admin.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/bw/token",
-        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
-    )
-    assert status == 201, body
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "envtest", "cluster": {"server": plane.url, "certificate-authority": str(plane.ca)}}],
-        "users": [{"name": "bw", "user": {"token": body["status"]["token"]}}],
-        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": "bw"}}],
-        "current-context": "envtest",
-    }
-    path = folder / "bw.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 async def test_forbidden_patch_shows_in_status_and_an_event_then_goes_on_when_granted(
     cluster: Cluster,
     admin_http: KubeHTTP,
@@ -201,7 +171,9 @@ async def test_forbidden_patch_shows_in_status_and_an_event_then_goes_on_when_gr
     prometheus.wait_for_value(metric(ns), 0.0)
     mesh(admin_http, ns)
     admin_http.apply(_role(ns, vs_verbs=["get", "list", "watch"]))  # RBAC missing a verb: patch
-    kubeconfig = service_account_kubeconfig(admin_http, plane, ns, tmp_path)
+    kubeconfig = account_kubeconfig(
+        admin_http, plane, namespace=ns, name="bw", folder=tmp_path, role=("Role", "birdwatch")
+    )
     async with run(plane, prometheus, [ns], extra=["--kubeconfig", str(kubeconfig)]):
         await cluster.create_bw(birdwatch("aleph", metric=metric(ns), max_weight=20))
         status = await eventually(lambda: _reason_is(cluster, "Forbidden"), timeout=10, what="Forbidden in status")

@@ -21,7 +21,7 @@ from envtest.assets import REPO
 from envtest.controlplane import ControlPlane, KubeHTTP
 from envtest.exporter import Exporter
 from envtest.promserver import PrometheusServer
-from kit import Cluster, birdwatch, canary_steps, controller, eventually, mesh
+from kit import Cluster, account_kubeconfig, birdwatch, canary_steps, controller, eventually, mesh
 from process import Fleet, clean_env
 
 pytest_plugins = ("process",)
@@ -220,7 +220,9 @@ async def test_plugin_errors_have_clear_exit_codes(env: Env, tmp_path: Path) -> 
     assert "no answer from birdwatch" in unanswered.err
     usage = await env.run("promote")
     assert usage.code == 2, usage
-    viewer = account(env.admin, env.plane, env.ns, tmp_path, "viewer", "view")
+    viewer = account_kubeconfig(
+        env.admin, env.plane, namespace=env.ns, name="viewer", folder=tmp_path, role=("ClusterRole", "view")
+    )
     forbidden = await env.run("pause", "aleph", kubeconfig=viewer)
     assert forbidden.code == 4, forbidden
     assert "forbidden" in forbidden.err
@@ -232,7 +234,14 @@ async def test_plugin_errors_have_clear_exit_codes(env: Env, tmp_path: Path) -> 
 async def test_the_operator_role_is_enough_to_steer(env: Env, tmp_path: Path) -> None:
     role = yaml.safe_load((REPO / "deploy" / "rbac-operator.yaml").read_text())
     env.admin.apply(role)
-    operator = account(env.admin, env.plane, env.ns, tmp_path, "operator", "birdwatch-operator")
+    operator = account_kubeconfig(
+        env.admin,
+        env.plane,
+        namespace=env.ns,
+        name="operator",
+        folder=tmp_path,
+        role=("ClusterRole", "birdwatch-operator"),
+    )
     async with env.controller():
         await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=30))
         await eventually(lambda: _at_least(env.cluster, 10), what="canary at 10%")
@@ -244,37 +253,6 @@ async def test_the_operator_role_is_enough_to_steer(env: Env, tmp_path: Path) ->
         promoted = await env.run("promote", "aleph", kubeconfig=operator)
         assert promoted.code == 0, promoted
     assert (await env.cluster.status())["phase"] == "Promoted"
-
-
-def account(admin: KubeHTTP, plane: ControlPlane, ns: str, folder: Path, name: str, cluster_role: str) -> Path:
-    """A ServiceAccount bound in ``ns`` to ``cluster_role``, and a kubeconfig with its token."""
-    admin.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}})
-    admin.apply(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": name, "namespace": ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
-        }
-    )
-    status, body = admin.request(
-        "POST",
-        f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token",
-        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
-    )
-    assert status == 201, body
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "envtest", "cluster": {"server": plane.url, "certificate-authority": str(plane.ca)}}],
-        "users": [{"name": name, "user": {"token": body["status"]["token"]}}],
-        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": name, "namespace": ns}}],
-        "current-context": "envtest",
-    }
-    path = folder / f"{name}.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 # --- plain kubectl, and a SIGKILL between the request and the act ------------------------------------------------

@@ -68,12 +68,6 @@ def spec_digest(raw: object) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def api_summary(exc: KubeError) -> str:
-    """Which call was refused and the API server's own words, in one line."""
-    describe = getattr(exc, "describe", None)
-    return str(describe()) if callable(describe) else str(exc)
-
-
 class Canary:
     def __init__(self, obj: Obj, ports: Ports, *, stop: asyncio.Event, updates: Updates | None = None) -> None:
         meta = obj["metadata"]
@@ -151,17 +145,17 @@ class Canary:
             if self._conflicts <= MAX_CONFLICTS:
                 log.info("conflict writing; deciding again from what is there now", detail=str(exc))
                 return Decision(wake=time.time())
-            return await self._failed(observed, Failure(status=409, summary=api_summary(exc), retryable=True))
+            return await self._failed(observed, Failure(status=409, summary=exc.describe(), retryable=True))
         except NotFound as exc:
             if self.router is not None and self.router.vs is None:
                 return Decision(wake=time.time())  # the VirtualService went away: the next round says so
-            if getattr(exc, "path", "").endswith("/status") or "birdwatches" in getattr(exc, "path", ""):
+            if "/birdwatches/" in exc.path:
                 log.info("birdwatch deleted during a write; stopping", detail=str(exc))
                 return Decision(stop=True)
-            return await self._failed(observed, Failure(status=404, summary=api_summary(exc), retryable=False))
+            return await self._failed(observed, Failure(status=404, summary=exc.describe(), retryable=False))
         except KubeError as exc:
             return await self._failed(
-                observed, Failure(status=exc.status, summary=api_summary(exc), retryable=exc.retryable)
+                observed, Failure(status=exc.status, summary=exc.describe(), retryable=exc.retryable)
             )
         except asyncio.CancelledError:
             raise
@@ -189,7 +183,7 @@ class Canary:
                 await self._writer.write(decision.status)
                 self.status = decision.status
             except KubeError as exc:
-                log.warning("could not report the failure in status", detail=api_summary(exc))
+                log.warning("could not report the failure in status", detail=exc.describe())
         for say in decision.say:
             self._tell(say)
         return Decision(wake=decision.wake if decision.wake is not None else time.time() + 1.0)

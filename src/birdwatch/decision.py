@@ -12,13 +12,16 @@ Top to bottom, the rules are:
    Prometheus rejects, a VirtualService another BirdWatch manages, a split with a foreign subset).
 2. An API call that failed is reported (status, a Warning Event, a log line) and tried again with capped backoff.
 3. Whatever is missing (VirtualService, DestinationRule, production route) is waited for, within ``ready_timeout``.
-4. The rollout record says where the rollout is. A record of an earlier generation means the spec changed; no
-   record means a fresh rollout, which starts from the weight the canary has now (no traffic moves before a check).
-5. Before the baseline: the query checked (a bad one fails before anything is written), the canary subset, the
+4. The rollout record says where the rollout is. A record of an earlier generation means the spec changed (only
+   ``paused`` changed: the same rollout goes on); no record means a fresh rollout, which starts from the weight the
+   canary has now (no traffic moves before a check).
+5. A person's request (promote, abort, retry, resume) is carried out once, or refused, before anything else.
+6. Before the baseline: the query checked (a bad one fails before anything is written), the canary subset, the
    claim on the VirtualService, the canary Deployment available, then the baseline and the first step, in one
-   traffic write.
-6. After it: at each check, healthy steps up (or promotes at the top); unhealthy counts towards
-   ``failure_threshold`` and then rolls back or freezes; weights someone else moved stop the rollout.
+   traffic write. ``spec.paused`` holds everything where it is.
+7. After it: at each check (against the first value, against production's value now, or over samples of both),
+   healthy steps up (or promotes at the top); unhealthy counts towards ``failure_threshold`` and then rolls back or
+   freezes; weights someone else moved stop the rollout.
 """
 
 from __future__ import annotations

@@ -358,10 +358,11 @@ async def soak(minutes: float, canaries: int, workdir: Path, *, seed: int = 11) 
             await asyncio.sleep(0.5)
         api_proxy.reset()
         prom_proxy.reset()
-        # Idle again: give queued Events, retries and last checks up to 30 s to finish, and count the tasks once
-        # their number stands still (three readings a second apart): a count taken while Events still drain is
-        # a moment, not a leak, which would grow with the rollouts run.
-        settle = time.monotonic() + 30
+        # Idle again: give queued Events, retries and last checks time to finish (a request the proxy left hanging
+        # ends only at birdwatch's 30 s request timeout), and count the tasks once their number stands still
+        # (three readings a second apart) near the idle count: a count taken while they still run is a moment, not
+        # a leak, which would grow with the rollouts run.
+        settle = time.monotonic() + 45
         counts: list[float] = []
         while True:
             await asyncio.sleep(1.0)
@@ -371,7 +372,7 @@ async def soak(minutes: float, canaries: int, workdir: Path, *, seed: int = 11) 
             final = {"rss_kb": rss_kb(last.proc.pid), "tasks": scrape(last.health, "birdwatch_asyncio_tasks")}
             counts.append(final["tasks"])
             steady = len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]
-            if (steady and final["tasks"] <= idle["tasks"] + 5) or time.monotonic() > settle:
+            if (steady and final["tasks"] <= idle["tasks"] + 2) or time.monotonic() > settle:
                 break
         # The reference for "no task leaked": the standby, taking over now, idle with the same BirdWatches (all
         # ended) but none of the soak's history. (The idle leader at the start had no BirdWatches at all, and some

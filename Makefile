@@ -15,20 +15,20 @@ IMAGE   ?= ghcr.io/otomato-gh/birdwatch
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml sandbox/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -e ./sandbox
 	touch $@
 
-install: $(VENV)/.installed ## virtual env in .venv/ with birdwatch and its test tools (.venv/bin/birdwatch)
+install: $(VENV)/.installed ## virtual env in .venv/ with birdwatch, its sandbox (sandbox/) and test tools (.venv/bin/birdwatch)
 
 assets: ## build (once) and cache the control plane's binaries and kwok; fetch Istio's CRDs; make sure of Prometheus
 	bash hack/install-control-plane.sh >/dev/null
 
 lint: install ## ruff and mypy --strict
-	$(BIN)/ruff check src tests hack bench
-	$(BIN)/ruff format --check src tests hack bench
+	$(BIN)/ruff check src sandbox tests hack bench
+	$(BIN)/ruff format --check src sandbox tests hack bench
 	$(BIN)/mypy
 
 test: install assets lint wheel-check ## everything: lint, the wheel's install, unit and integration tests
@@ -38,13 +38,13 @@ wheel-check: ## the container image's install steps without Docker: wheel into a
 	bash hack/check-wheel.sh
 
 sandbox-up: install assets ## etcd, kube-apiserver, controller-manager, scheduler, kwok nodes, Prometheus in the background (.sandbox/env)
-	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox up
+	$(BIN)/birdwatch-sandbox up
 
 demo: sandbox-up ## canaries on the sandbox with the real birdwatch: v04 paused and promoted, v05 rolled back, then promoted against a drifting production (~80 s; log in .demo/)
-	PYTHONPATH=tests $(BIN)/python hack/demo.py $(DEMO_ARGS)
+	$(BIN)/python hack/demo.py $(DEMO_ARGS)
 
 sandbox-down: install ## stop the sandbox
-	PYTHONPATH=tests $(BIN)/python -m envtest.sandbox down
+	$(BIN)/birdwatch-sandbox down
 
 release: install ## dist/install.yaml: CRD and controller in one file (IMAGE=ghcr.io/otomato-gh/birdwatch VERSION=<package version>)
 	$(BIN)/python hack/release.py --version $(VERSION) --image $(IMAGE) --output dist/install.yaml

@@ -1,6 +1,6 @@
 """`make bench`: what one canary step costs birdwatch, and how it scales with concurrent canaries.
 
-Against the sandbox (real kube-apiserver and Prometheus, see tests/envtest/sandbox.py), for each N it creates N
+Against the sandbox (real kube-apiserver and Prometheus, see birdwatch_sandbox.envtest.sandbox), for each N it creates N
 VirtualServices, DestinationRules and available Deployments in a fresh namespace, starts `birdwatch run` as its own
 process, creates N BirdWatches (increment 10, a short interval, the cheap metric `vector(0)`), and watches the
 VirtualServices itself to time every traffic write. A last group turns unhealthy mid-rollout to time rollbacks.
@@ -31,15 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Kube
+from birdwatch_sandbox.envtest.controlplane import KubeHTTP, free_port
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.pki import Pair
+from birdwatch_sandbox.envtest.sandbox import SANDBOX, STATE, read_env, up
+from birdwatch_sandbox.kit import deployment, follow_objects, wait_available
 
-from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Kube  # noqa: E402
-from envtest.controlplane import KubeHTTP, free_port  # noqa: E402
-from envtest.exporter import Exporter  # noqa: E402
-from envtest.pki import Pair  # noqa: E402
-from envtest.sandbox import SANDBOX, STATE, read_env, up  # noqa: E402
-from kit import deployment, follow_objects, wait_available  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench" / "results"
 BIRDWATCH = REPO / ".venv" / "bin" / "birdwatch"

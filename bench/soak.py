@@ -1,25 +1,24 @@
 """`make soak`: 50 canaries, rollout after rollout, through injected faults and leader kills for about ten minutes.
 
 Two birdwatch replicas run as their own processes with ``--leader-elect``, behind two fault-injecting proxies
-(tests/faultproxy.py): 10 % of their API requests fail (500, 503, 429, or hang until their timeout), their watches
-are cut every 20 s, and Prometheus is down for 1.5 s every 45 s. Every 20-60 s (seeded, so every run kills at the same
-moments) the leader is SIGKILLed and started again at once, as a standby; the other replica must take over from the
-rollout records. Every BirdWatch that ends is given a new canary version, so it starts over; one in ten turns
-unhealthy and must roll back. The canaries' Deployments become available through the harness's real controllers.
-The weights, the rollout records and the Lease are followed from watches of our own, straight to the API server.
+(birdwatch_sandbox.faultproxy): 10 % of their API requests fail (500, 503, 429, or hang until their timeout), their
+watches are cut every 20 s, and Prometheus is down for 1.5 s every 45 s. Every 20-60 s (seeded, so every run kills at
+the same moments) the leader is SIGKILLed and started again at once, as a standby; the other replica must take over from
+the rollout records. Every BirdWatch that ends is given a new canary version, so it starts over; one in ten turns
+unhealthy and must roll back. The canaries' Deployments become available through the harness's real controllers. The
+weights, the rollout records and the Lease are followed from watches of our own, straight to the API server.
 
-Each rollout's metric starts at its own value and is moved (within ``deviation`` for a healthy canary) once the
-baseline is taken, so a baseline taken a second time would read a different value and be seen.
+Each rollout's metric starts at its own value and is moved (within ``deviation`` for a healthy canary) once the baseline
+is taken, so a baseline taken a second time would read a different value and be seen.
 
-At the end it reports: faults and kills, rollouts ended right and wrong (wrong phase, a weight that fell back or
-jumped more than one increment, or went above ``max_weight``), baselines retaken, failover time (leader killed ->
-the next traffic write, by the replica that took the Lease) p50 / p99, RSS (per process: none lives long, so it is
-reported, not judged), asyncio tasks of the leader at the end against those of a fresh leader taking over from it
-with the same BirdWatches, and the error lines in the replicas' logs (those that report the injected Prometheus
-outages are expected, and counted apart). It exits non-zero if any rollout ended wrong or did not end, a baseline was
-retaken, the leader at the end (its count once steady) had more tasks than the fresh one beyond 2 plus one per 200
-rollouts run (a leak grows with the work), or a replica logged an unexpected error.
-"""
+At the end it reports: faults and kills, rollouts ended right and wrong (wrong phase, a weight that fell back or jumped
+more than one increment, or went above ``max_weight``), baselines retaken, failover time (leader killed -> the next
+traffic write, by the replica that took the Lease) p50 / p99, RSS (per process: none lives long, so it is reported, not
+judged), asyncio tasks of the leader at the end against those of a fresh leader taking over from it with the same
+BirdWatches, and the error lines in the replicas' logs (those that report the injected Prometheus outages are expected,
+and counted apart). It exits non-zero if any rollout ended wrong or did not end, a baseline was retaken, the leader at
+the end (its count once steady) had more tasks than the fresh one beyond 2 plus one per 200 rollouts run (a leak grows
+with the work), or a replica logged an unexpected error."""
 
 from __future__ import annotations
 
@@ -39,17 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from birdwatch.kube import BIRDWATCHES, LEASES, VIRTUALSERVICES, Kube, KubeError
+from birdwatch.router import Record
+from birdwatch_sandbox.envtest.assets import ensure_assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, free_port
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.faultproxy import NOT_WATCHES, FaultProxy, api_server_proxy
+from birdwatch_sandbox.kit import deployment, follow_objects, wait_available
 
-from birdwatch.kube import BIRDWATCHES, LEASES, VIRTUALSERVICES, Kube, KubeError  # noqa: E402
-from birdwatch.router import Record  # noqa: E402
-from envtest.assets import ensure_assets  # noqa: E402
-from envtest.controlplane import ControlPlane, free_port  # noqa: E402
-from envtest.exporter import Exporter  # noqa: E402
-from envtest.promserver import PrometheusServer  # noqa: E402
-from faultproxy import NOT_WATCHES, FaultProxy, api_server_proxy  # noqa: E402
-from kit import deployment, follow_objects, wait_available  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 NAMESPACE = "soak"
 INCREMENT, MAX_WEIGHT, INTERVAL = 10, 50, 2

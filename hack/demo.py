@@ -6,7 +6,7 @@ What runs:
 1. A fresh namespace ``demo-<random>`` on the sandbox's API server, with deploy/examples/aleph/ applied (all but the
    BirdWatch) and a Deployment aleph-v05 beside them. The sandbox's controller-manager, scheduler and kwok's fake
    nodes make every Deployment available, through ReplicaSets and Pods, as on a cluster (no container runs).
-2. The mesh simulator (tests/meshsim, in this process) serving v03, v04 and v05, v05 answering 20 % of its requests
+2. The mesh simulator (sandbox/, in this process) serving v03, v04 and v05, v05 answering 20 % of its requests
    with a 500, at 40 requests/s split by the VirtualService's current weights; Prometheus scrapes its Istio metrics.
 3. The real controller, ``.venv/bin/birdwatch run``, as a child process; its JSON log goes to
    ``.demo/birdwatch-<time>.log``.
@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the mesh simulator lives with the tests
 
 try:
     import aiohttp
@@ -69,8 +68,8 @@ try:
         Resource,
     )
     from birdwatch.workload import deployment_available
-    from envtest.sandbox import read_env
-    from meshsim import MeshSim, resolve
+    from birdwatch_sandbox.envtest.sandbox import read_env
+    from birdwatch_sandbox.meshsim import MeshSim, resolve
 except ImportError as missing:
     sys.exit(f"demo: {missing}; run it with the project's virtualenv: make install && .venv/bin/python hack/demo.py")
 

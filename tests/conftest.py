@@ -17,11 +17,11 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
 from birdwatch.kube import Kube
-from envtest.assets import REPO, Assets, ensure_assets
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import Cluster
+from birdwatch_sandbox.envtest.assets import REPO, Assets, ensure_assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import Cluster
 from providerkit import backend_binaries, graphite, influx, victoria  # noqa: F401 - metric backends, once a session
 
 _servers: list[tuple[str, Path]] = []

@@ -34,9 +34,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from birdwatch.kube import VIRTUALSERVICES, Kube, Obj
 from birdwatch.router import Record
-from envtest.controlplane import ControlPlane, free_port
-from envtest.promserver import PrometheusServer
-from kit import follow_objects, route_weights
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, free_port
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import follow_objects, route_weights
 
 BIRDWATCH = Path(sys.executable).with_name("birdwatch")  # the console script of the virtualenv running the tests
 # Settings a developer's shell may carry that would change what the process under test does.

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
+from birdwatch_sandbox.envtest.backends import BackendBinaries, Graphite, InfluxDB, VictoriaMetrics, ensure_backends
 from datadogfake import FakeDatadog
-from envtest.backends import BackendBinaries, Graphite, InfluxDB, VictoriaMetrics, ensure_backends
 from jsonserver import JsonServer
 from lokifake import FakeLoki
 from newrelicfake import FakeNewRelic

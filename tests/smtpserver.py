@@ -19,7 +19,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from envtest.pki import CertificateAuthority
+from birdwatch_sandbox.envtest.pki import CertificateAuthority
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from aiohttp import web
 
 from birdwatch.kube import BIRDWATCHES, Invalid, NotFound
 from birdwatch.log import configure
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import (
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import (
     Cluster,
     Obj,
     apply_all,

@@ -13,11 +13,11 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from birdwatch.workload import deployment_available
-from envtest.controlplane import KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from envtest.workloads import CRASH, CRASH_AFTER, NEVER_READY, NODE_NAMES, POD_BEHAVIOUR
-from kit import apply_all, deployment, rolled_out
+from birdwatch_sandbox.envtest.controlplane import KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.workloads import CRASH, CRASH_AFTER, NEVER_READY, NODE_NAMES, POD_BEHAVIOUR
+from birdwatch_sandbox.kit import apply_all, deployment, rolled_out
 
 VALID_SPEC: dict[str, Any] = {
     "service": "aleph",

@@ -17,9 +17,9 @@ import yaml
 
 from birdwatch.spec import Phase
 from birdwatch.status import Status, StatusWriter
-from envtest.assets import REPO, Assets
-from envtest.controlplane import BIRDWATCH_CRD, ControlPlane
-from kit import eventually
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import BIRDWATCH_CRD, ControlPlane
+from birdwatch_sandbox.kit import eventually
 
 Obj = dict[str, Any]
 

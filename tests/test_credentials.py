@@ -25,11 +25,11 @@ from birdwatch.kube import (
     Unauthorized,
     proxy_from_environment,
 )
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from envtest.tokenauth import TokenServer
-from kit import Cluster, birdwatch, canary_steps, controller, mesh
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.tokenauth import TokenServer
+from birdwatch_sandbox.kit import Cluster, birdwatch, canary_steps, controller, mesh
 from process import run_cli
 
 # Mints a token, registers it with the token server as valid for "valid" seconds (read from a file the test may

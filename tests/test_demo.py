@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from envtest.assets import REPO
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.assets import REPO
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
 
 DEMO = REPO / "hack" / "demo.py"
 # Settings a developer's shell may carry; the demo must take everything from its flags.
@@ -50,9 +50,7 @@ def demo_command(plane: ControlPlane, prometheus: PrometheusServer, log_dir: Pat
 
 
 def demo_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_ENV)}
-    env["PYTHONPATH"] = str(REPO / "tests")
-    return env
+    return {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_ENV)}
 
 
 def summary_rows(stdout: str) -> list[list[str]]:

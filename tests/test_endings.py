@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import pytest
 
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import Cluster, apply_all, birdwatch, controller, destination_rule, eventually, mesh, virtual_service
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import (
+    Cluster,
+    apply_all,
+    birdwatch,
+    controller,
+    destination_rule,
+    eventually,
+    mesh,
+    virtual_service,
+)
 
 
 def metric(namespace: str) -> str:

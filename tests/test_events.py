@@ -18,10 +18,10 @@ import structlog
 
 from birdwatch.events import EventRecorder, ObjectRef
 from birdwatch.kube import Kube, Obj
-from envtest.assets import REPO, Assets
-from envtest.controlplane import ControlPlane
-from faultproxy import Scope, api_server_proxy
-from kit import Cluster, birdwatch
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane
+from birdwatch_sandbox.faultproxy import Scope, api_server_proxy
+from birdwatch_sandbox.kit import Cluster, birdwatch
 
 STEPS = [10, 20, 30, 40, 50]
 # One row of kubectl describe's Events table: Type, Reason, Age ("3s" or "2s (x4 over 5s)"), From, Message.

@@ -32,13 +32,13 @@ from aiohttp import web
 from birdwatch.events import EventRecorder, ObjectRef
 from birdwatch.kube import BIRDWATCHES, VIRTUALSERVICES, Conflict, Gone, Kube, KubeError, Obj, Resource
 from birdwatch.runner import App
-from envtest.assets import Assets
-from envtest.controlplane import ControlPlane, KubeHTTP, free_port, stop_pid, wait_until
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from envtest.workloads import NEVER_READY
-from faultproxy import WATCHES, WRITES, FaultProxy, Scope, api_server_proxy
-from kit import (
+from birdwatch_sandbox.envtest.assets import Assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP, free_port, stop_pid, wait_until
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.workloads import NEVER_READY
+from birdwatch_sandbox.faultproxy import WATCHES, WRITES, FaultProxy, Scope, api_server_proxy
+from birdwatch_sandbox.kit import (
     Cluster,
     birdwatch,
     canary_steps,
@@ -50,7 +50,7 @@ from kit import (
     virtual_service,
     wait_available,
 )
-from kit import settings as kit_settings
+from birdwatch_sandbox.kit import settings as kit_settings
 from slackfake import FakeSlack
 
 LogEntries = list[MutableMapping[str, Any]]

@@ -18,7 +18,7 @@ from birdwatch.config import LeaderSettings
 from birdwatch.kube import LEASES, Kube, KubeError, Obj
 from birdwatch.leader import LeaderElector, micro_time
 from birdwatch.metrics import Metrics
-from envtest.controlplane import ControlPlane
+from birdwatch_sandbox.envtest.controlplane import ControlPlane
 
 DURATION = 2.0  # lease_duration
 DEADLINE = 1.5  # renew_deadline

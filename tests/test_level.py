@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from envtest.assets import REPO, Assets
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import (
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import (
     Cluster,
     account_kubeconfig,
     apply_all,

@@ -28,11 +28,17 @@ from birdwatch.cli import build_parser
 from birdwatch.config import DEFAULT_PROMETHEUS, settings_from
 from birdwatch.kube import BIRDWATCHES, LEASES, Kube, KubeError, Resource
 from birdwatch.runner import App
-from envtest.assets import REPO, Assets
-from envtest.controlplane import BIRDWATCH_CRD, ControlPlane, KubeHTTP, load_yaml_documents, resource_path
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import Cluster, apply_all, birdwatch, eventually, mesh
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import (
+    BIRDWATCH_CRD,
+    ControlPlane,
+    KubeHTTP,
+    load_yaml_documents,
+    resource_path,
+)
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import Cluster, apply_all, birdwatch, eventually, mesh
 
 DEPLOY = REPO / "deploy"
 CRD_DIR = DEPLOY / "crd"

@@ -1,4 +1,4 @@
-"""The mesh simulator (tests/meshsim) against the session's real API server and Prometheus, on the aleph example.
+"""The mesh simulator (birdwatch_sandbox.meshsim) against the session's real API server and Prometheus, on aleph.
 
 Each test applies deploy/examples/aleph/ to a fresh namespace (so the example's manifests are also checked by the real
 API server), runs a ``MeshSim`` on it and changes the VirtualService or DestinationRule the way birdwatch does: with
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -22,10 +21,10 @@ import aiohttp
 import pytest
 import yaml
 
-from envtest.assets import REPO
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.promserver import PrometheusServer
-from meshsim import MeshSim, Route, WeightedPicker, resolve
+from birdwatch_sandbox.envtest.assets import REPO
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.meshsim import MeshSim, Route, WeightedPicker, resolve
 
 EXAMPLE = REPO / "deploy" / "examples" / "aleph"
 RPS = 80.0
@@ -206,11 +205,10 @@ async def test_repointing_the_production_subset_moves_production_traffic(
 async def test_command_line_runs_until_sigterm_and_cleans_up(
     control_plane: ControlPlane, aleph: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "meshsim",
+        "birdwatch_sandbox.meshsim",
         "--kubeconfig",
         str(control_plane.kubeconfig),
         "--namespace",
@@ -227,7 +225,6 @@ async def test_command_line_runs_until_sigterm_and_cleans_up(
         str(tmp_path),
         "--report-every",
         "0",
-        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import Cluster, birdwatch, canary_steps, controller, eventually, mesh
 from hookfakes import (
     CloudEventsReceiver,
     FakeDiscord,
@@ -26,7 +27,6 @@ from hookfakes import (
     FakeRocketChat,
     FakeTeams,
 )
-from kit import Cluster, birdwatch, canary_steps, controller, eventually, mesh
 from process import Fleet
 from slackfake import FakeSlack
 from smtpserver import SMTPServer

@@ -23,10 +23,10 @@ from birdwatch import config as config_module
 from birdwatch.kube import BIRDWATCHES, LEASES, Obj
 from birdwatch.router import Record
 from birdwatch.status import parse_time
-from envtest.controlplane import KubeHTTP, free_port
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import (
+from birdwatch_sandbox.envtest.controlplane import KubeHTTP, free_port
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import (
     TERMINAL,
     Cluster,
     apply_all,

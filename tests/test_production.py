@@ -14,10 +14,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.promserver import PrometheusServer
-from kit import Cluster, birdwatch, controller, eventually, mesh
-from meshsim import MeshSim
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import Cluster, birdwatch, controller, eventually, mesh
+from birdwatch_sandbox.meshsim import MeshSim
 
 RPS = 120.0  # the canary's share at 10 % is 120 requests per 10 s window: a ratio's noise stays well under 0.25
 

@@ -31,11 +31,11 @@ from birdwatch.prometheus import (
     QueryError,
     Unavailable,
 )
-from envtest.assets import Assets
-from envtest.controlplane import Server, free_port, wait_until
-from envtest.exporter import Exporter
-from envtest.pki import CertificateAuthority
-from envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.assets import Assets
+from birdwatch_sandbox.envtest.controlplane import Server, free_port, wait_until
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.pki import CertificateAuthority
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
 
 USER = "birdwatch"
 PASSWORD = "pw-for-promtest-only"

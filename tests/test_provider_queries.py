@@ -20,11 +20,11 @@ from birdwatch.providers.base import Provider
 from birdwatch.providers.config import ProviderSpec, parse_providers
 from birdwatch.providers.errors import AmbiguousResult, BadQuery, QueryError, Unavailable
 from birdwatch.providers.registry import build_providers
-from envtest.backends import Graphite, InfluxDB, VictoriaMetrics
-from envtest.controlplane import ControlPlane, free_port
-from envtest.promserver import PrometheusServer
+from birdwatch_sandbox.envtest.backends import Graphite, InfluxDB, VictoriaMetrics
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, free_port
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import controller, eventually
 from jsonserver import JsonServer
-from kit import controller, eventually
 from lokifake import FakeLoki
 from providerkit import providers_file, secret_file
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from envtest.controlplane import ControlPlane, KubeHTTP
-from kit import Cluster, birdwatch, controller, eventually
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.kit import Cluster, birdwatch, controller, eventually
 from providerkit import (
     DD_API_KEY,
     DD_APP_KEY,

@@ -2,8 +2,9 @@
 backend, steady values promote, values past ``deviation`` roll back, a query the backend rejects ends Failed with
 the backend's own words, and a backend that stops answering leads to failed checks and ``if_unhealthy``.
 
-VictoriaMetrics (for the ``prometheus`` type), InfluxDB and Graphite are the real servers (tests/envtest/backends.py);
-``web`` asks a real local HTTP server; Loki, Datadog and New Relic are wire-protocol servers (see providerkit.py)."""
+VictoriaMetrics (for the ``prometheus`` type), InfluxDB and Graphite are the real servers
+(birdwatch_sandbox.envtest.backends); ``web`` asks a real local HTTP server; Loki, Datadog and New Relic are
+wire-protocol servers (see providerkit.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from birdwatch.kube import Invalid
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.promserver import PrometheusServer
-from kit import Cluster, birdwatch, controller, eventually, mesh
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import Cluster, birdwatch, controller, eventually, mesh
 from providerkit import TYPES, Backend, backend_of, providers_file
 
 pytestmark = pytest.mark.slow

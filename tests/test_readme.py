@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from envtest.assets import REPO, Assets
-from envtest.controlplane import free_port
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import free_port
 
 README = REPO / "README.md"
 # What `make sandbox-up` and birdwatch need from the checkout; everything else stays out of the mirror.
-MIRRORED = ("Makefile", "setup.cfg", "pyproject.toml", "src", "tests", "hack", "deploy")
+MIRRORED = ("Makefile", "setup.cfg", "pyproject.toml", "src", "sandbox", "tests", "hack", "deploy")
 
 
 def recipe(heading: str) -> str:
@@ -121,9 +121,9 @@ def test_the_sandbox_recipe_runs_as_written(tmp_path: Path, assets: Assets) -> N
             os.killpg(shell.pid, signal.SIGKILL)
             shell.wait()
         subprocess.run(
-            [str(REPO / ".venv" / "bin" / "python"), "-m", "envtest.sandbox", "down"],
+            [str(REPO / ".venv" / "bin" / "birdwatch-sandbox"), "down"],
             cwd=mirror,
-            env={**env, "PYTHONPATH": str(REPO / "tests")},
+            env=env,
             check=False,
             capture_output=True,
         )
@@ -132,7 +132,7 @@ def test_the_sandbox_recipe_runs_as_written(tmp_path: Path, assets: Assets) -> N
 
 @pytest.mark.parametrize("name", ["KUBECONFIG", "PROMETHEUS_URL", "KUBECTL", "BIRDWATCH_PROM_TARGETS"])
 def test_the_sandbox_env_file_exports_what_it_sets(tmp_path: Path, name: str) -> None:
-    from envtest.sandbox import env_file, read_env
+    from birdwatch_sandbox.envtest.sandbox import env_file, read_env
 
     path = tmp_path / "env"
     path.write_text(env_file({name: "/a path/with spaces", "OTHER": "x"}))

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from envtest.assets import REPO, Assets
-from envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
 
 RELEASE = REPO / "hack" / "release.py"
 Obj = dict[str, Any]

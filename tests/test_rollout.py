@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from birdwatch.kube import DEPLOYMENTS
-from envtest.assets import REPO, Assets
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import (
+from birdwatch_sandbox.envtest.assets import REPO, Assets
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import (
     Cluster,
     birdwatch,
     canary_steps,

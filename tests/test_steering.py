@@ -17,11 +17,11 @@ import yaml
 
 from birdwatch.kube import BIRDWATCHES
 from birdwatch.updates import REQUEST_ANNOTATION
-from envtest.assets import REPO
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.exporter import Exporter
-from envtest.promserver import PrometheusServer
-from kit import Cluster, account_kubeconfig, birdwatch, canary_steps, controller, eventually, mesh
+from birdwatch_sandbox.envtest.assets import REPO
+from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
+from birdwatch_sandbox.envtest.exporter import Exporter
+from birdwatch_sandbox.envtest.promserver import PrometheusServer
+from birdwatch_sandbox.kit import Cluster, account_kubeconfig, birdwatch, canary_steps, controller, eventually, mesh
 from process import Fleet, clean_env
 
 pytest_plugins = ("process",)

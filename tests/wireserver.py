@@ -7,7 +7,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from envtest.controlplane import free_port
+from birdwatch_sandbox.envtest.controlplane import free_port
 
 
 class WireServer:

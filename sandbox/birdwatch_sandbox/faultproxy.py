@@ -45,8 +45,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from envtest.controlplane import ControlPlane, write_kubeconfig
-from envtest.pki import CertificateAuthority
+from .envtest.controlplane import ControlPlane, write_kubeconfig
+from .envtest.pki import CertificateAuthority
 
 ERROR_KINDS: tuple[str, ...] = ("500", "503", "429", "hang")
 """What ``error_rate`` answers by default, picked evenly: Kubernetes' and Prometheus's own ways of failing."""

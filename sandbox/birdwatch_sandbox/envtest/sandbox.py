@@ -167,7 +167,7 @@ def status() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="sandbox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="birdwatch-sandbox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)

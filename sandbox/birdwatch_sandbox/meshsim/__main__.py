@@ -1,4 +1,4 @@
-"""The command line: ``PYTHONPATH=tests python -m meshsim --namespace NS --service aleph --versions v03,v04 ...``.
+"""The command line: ``birdwatch-meshsim --namespace NS --service aleph --versions v03,v04 ...``.
 
 Runs until SIGINT or SIGTERM, then stops cleanly (removing its scrape target list) and exits 0. The first line on
 stdout says where everything is, e.g. ``meshsim: aleph in demo: v03=127.0.0.1:40001 v04=127.0.0.1:40002; control
@@ -36,7 +36,7 @@ def _version_values(pairs: Sequence[str], what: str) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m meshsim",
+        prog="birdwatch-meshsim",
         description="Simulate an Istio mesh for one service: per-version servers with Istio metrics, and load "
         "split by the VirtualService's current weights.",
     )

@@ -26,8 +26,9 @@ from birdwatch.kube import (
     Resource,
 )
 from birdwatch.runner import App
-from envtest.controlplane import ControlPlane, KubeHTTP
-from envtest.workloads import NEVER_READY, POD_BEHAVIOUR
+
+from .envtest.controlplane import ControlPlane, KubeHTTP
+from .envtest.workloads import NEVER_READY, POD_BEHAVIOUR
 
 Obj = dict[str, Any]
 TERMINAL = {"Promoted", "RolledBack", "Frozen", "Failed"}

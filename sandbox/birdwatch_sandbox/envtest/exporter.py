@@ -56,7 +56,7 @@ class Exporter:
     @property
     def address(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
+        return f"{host!s}:{port}"
 
     def start(self) -> Exporter:
         self._thread.start()

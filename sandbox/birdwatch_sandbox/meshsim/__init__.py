@@ -3,7 +3,7 @@
 It serves each version of one service from a loopback HTTP server that fails at a chosen rate and exports Istio's
 standard request metrics for Prometheus; it sends load to the service and splits it between the versions by the
 current VirtualService weights and DestinationRule subsets, read from the API server with a watch, as Envoy would be
-configured by istiod. Run it with ``python -m meshsim --help``, or from Python::
+configured by istiod. Run it with ``birdwatch-meshsim --help``, or from Python::
 
     async with MeshSim(kubeconfig=..., namespace="demo", service="aleph", versions=["v03", "v04"],
                        targets_dir=prometheus_targets) as sim:

@@ -21,7 +21,7 @@ from birdwatch_sandbox.envtest.assets import REPO, Assets, ensure_assets
 from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
 from birdwatch_sandbox.envtest.exporter import Exporter
 from birdwatch_sandbox.envtest.promserver import PrometheusServer
-from birdwatch_sandbox.kit import Cluster
+from birdwatch_sandbox.kit import Cluster, Env
 from providerkit import backend_binaries, graphite, influx, victoria  # noqa: F401 - metric backends, once a session
 
 _servers: list[tuple[str, Path]] = []
@@ -101,6 +101,18 @@ async def cluster(control_plane: ControlPlane, namespace: str) -> AsyncIterator[
         yield Cluster(kube, namespace)
     finally:
         await kube.close()
+
+
+@pytest.fixture
+def env(
+    cluster: Cluster,
+    admin_http: KubeHTTP,
+    control_plane: ControlPlane,
+    prometheus: PrometheusServer,
+    exporter: Exporter,
+) -> Env:
+    """The session's servers and this test's namespace, with the test's metric under its control."""
+    return Env(cluster, admin_http, control_plane, prometheus, exporter)
 
 
 @pytest.hookimpl(wrapper=True)

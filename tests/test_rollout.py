@@ -11,18 +11,16 @@ import pytest
 
 from birdwatch.kube import DEPLOYMENTS
 from birdwatch_sandbox.envtest.assets import REPO, Assets
-from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
-from birdwatch_sandbox.envtest.exporter import Exporter
-from birdwatch_sandbox.envtest.promserver import PrometheusServer
 from birdwatch_sandbox.kit import (
     Cluster,
+    Env,
     birdwatch,
     canary_steps,
-    controller,
     deployment,
     destination_rule,
     eventually,
     fix_pods,
+    gauge_query,
     mesh,
     rolled_out,
     virtual_service,
@@ -32,54 +30,15 @@ from process import TrafficLog
 from slackfake import FakeSlack
 
 
-def metric(namespace: str, name: str = "errors") -> str:
-    return f'max(bwtest_{name}{{ns="{namespace}"}})'
-
-
 def rises_by(steps: list[int], increment: int) -> bool:
     return all(b - a == increment for a, b in itertools.pairwise(steps))
-
-
-class Env:
-    """The shared servers and this test's namespace, with the metric's value under the test's control."""
-
-    def __init__(
-        self, cluster: Cluster, admin: KubeHTTP, plane: ControlPlane, prometheus: PrometheusServer, exporter: Exporter
-    ) -> None:
-        self.cluster, self.admin, self.plane, self.prometheus, self.exporter = (
-            cluster,
-            admin,
-            plane,
-            prometheus,
-            exporter,
-        )
-        self.ns = cluster.namespace
-
-    def set_metric(self, value: float, name: str = "errors", *, wait: bool = True) -> None:
-        self.exporter.set_gauge(f"bwtest_{name}", value, ns=self.ns)
-        if wait:
-            self.prometheus.wait_for_value(metric(self.ns, name), value)
-
-    def controller(self, **kw: object):  # type: ignore[no-untyped-def]
-        return controller(self.plane, prometheus_url=self.prometheus.url, namespaces=[self.ns], **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def env(
-    cluster: Cluster,
-    admin_http: KubeHTTP,
-    control_plane: ControlPlane,
-    prometheus: PrometheusServer,
-    exporter: Exporter,
-) -> Env:
-    return Env(cluster, admin_http, control_plane, prometheus, exporter)
 
 
 async def test_named_subsets_promote(env: Env) -> None:
     mesh(env.admin, env.ns, named=True)
     env.set_metric(0.1)
     async with env.controller(), env.cluster.recording() as history:
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), max_weight=30))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), max_weight=30))
         status = await env.cluster.wait_phase("Promoted")
     assert status["baseline"] == pytest.approx(0.1)
     assert canary_steps(history, "canary") == [0, 10, 20, 30, 0]
@@ -111,7 +70,7 @@ async def test_version_named_subsets_promote_and_other_routes_stay(env: Env) -> 
     mesh(env.admin, env.ns, named=False, extra_routes=[other])
     async with env.controller(), env.cluster.recording() as history:
         # The canary's subset is missing from the DestinationRule: birdwatch adds it, copied from production's.
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), max_weight=20))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), max_weight=20))
         await env.cluster.wait_phase("Promoted")
     assert canary_steps(history, "v04") == [0, 10, 20, 100]
     assert canary_steps(history, "v03") == [100, 90, 80, 0]
@@ -128,7 +87,7 @@ async def test_rollback_when_the_metric_turns_bad(env: Env) -> None:
             env.controller(env={"SLACK_API_TOKEN": "xoxb-test", "SLACK_API_URL": slack.base_url}),
             env.cluster.recording() as history,
         ):
-            await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2, deviation=0.2))
+            await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=2, deviation=0.2))
             await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
             env.set_metric(0.9)
             status = await env.cluster.wait_phase("RolledBack")
@@ -152,7 +111,7 @@ async def test_freeze_keeps_the_split(env: Env) -> None:
     mesh(env.admin, env.ns)
     env.set_metric(0.0)
     async with env.controller(), env.cluster.recording() as history:
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2, if_unhealthy="freeze"))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=2, if_unhealthy="freeze"))
         await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
         env.set_metric(5.0)
         status = await env.cluster.wait_phase("Frozen")
@@ -170,7 +129,7 @@ async def test_failure_threshold_tolerates_a_flap(env: Env) -> None:
     env.set_metric(0.0)
     async with env.controller(), env.cluster.recording() as history:
         await env.cluster.create_bw(
-            birdwatch("aleph", metric=metric(env.ns), interval=2, failure_threshold=3, max_weight=30)
+            birdwatch("aleph", metric=gauge_query(env.ns), interval=2, failure_threshold=3, max_weight=30)
         )
         await eventually(lambda: _weight_at_least(env.cluster, 10), what="canary at 10%")
         env.set_metric(1.0)
@@ -187,7 +146,7 @@ async def test_failure_threshold_then_rollback(env: Env) -> None:
     mesh(env.admin, env.ns)
     env.set_metric(0.0)
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=1, failure_threshold=2))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=1, failure_threshold=2))
         await eventually(lambda: _weight_at_least(env.cluster, 10), what="canary at 10%")
         env.set_metric(1.0)
         status = await env.cluster.wait_phase("RolledBack")
@@ -212,7 +171,12 @@ async def test_deviation_direction(env: Env, direction: str, baseline: float, la
     async with env.controller():
         await env.cluster.create_bw(
             birdwatch(
-                "aleph", metric=metric(env.ns), interval=2, deviation=0.5, deviation_direction=direction, max_weight=30
+                "aleph",
+                metric=gauge_query(env.ns),
+                interval=2,
+                deviation=0.5,
+                deviation_direction=direction,
+                max_weight=30,
             )
         )
         await eventually(lambda: _baseline_taken(env.cluster), what="baseline")
@@ -225,7 +189,9 @@ async def test_deviation_direction(env: Env, direction: str, baseline: float, la
 async def test_no_data_zero_and_fail(env: Env, no_data: str, phase: str, weight: int) -> None:
     mesh(env.admin, env.ns)
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns, "absent"), no_data=no_data, max_weight=20))
+        await env.cluster.create_bw(
+            birdwatch("aleph", metric=gauge_query(env.ns, "absent"), no_data=no_data, max_weight=20)
+        )
         status = await env.cluster.wait_phase(phase)
     assert status["canaryWeight"] == weight
     if no_data == "fail":
@@ -240,7 +206,7 @@ async def test_no_data_skip_holds_then_acts(env: Env) -> None:
     env.set_metric(0.0, "flaky")
     async with env.controller(), env.cluster.recording() as history:
         await env.cluster.create_bw(
-            birdwatch("aleph", metric=metric(env.ns, "flaky"), no_data="skip", interval=1, failure_threshold=2)
+            birdwatch("aleph", metric=gauge_query(env.ns, "flaky"), no_data="skip", interval=1, failure_threshold=2)
         )
         await eventually(lambda: _weight_at_least(env.cluster, 10), what="canary at 10%")
         env.exporter.remove("bwtest_flaky", ns=env.ns)
@@ -273,7 +239,7 @@ async def test_canary_never_ready_times_out(env: Env) -> None:
 
     await eventually(deadline_exceeded, what="the Deployment controller's ProgressDeadlineExceeded")
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), ready_timeout=2))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), ready_timeout=2))
         waiting = await env.cluster.wait_phase("Waiting")
         status = await env.cluster.wait_phase("RolledBack")
     assert "aleph-v04: 0/1 replicas available, 1/1 updated" in waiting["message"]
@@ -289,7 +255,7 @@ async def test_waits_for_the_canary_then_goes(env: Env) -> None:
     # ReplicaSet, and only once its pod is Ready and the old one gone is the canary available.
     mesh(env.admin, env.ns, ready=False)
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), max_weight=10))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), max_weight=10))
         waiting = await env.cluster.wait_phase("Waiting")
         assert await env.cluster.weights() == {"production": 100, "canary": 0}
         fix_pods(env.admin, env.ns, "aleph-v04")
@@ -312,9 +278,11 @@ async def test_two_canaries_at_once_with_their_own_intervals(env: Env) -> None:
     ):
         env.admin.apply({**obj, "metadata": {**obj["metadata"], "namespace": env.ns}})
     async with TrafficLog(env.cluster.kube, env.ns).running() as traffic, env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=1, max_weight=40))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=1, max_weight=40))
         await env.cluster.create_bw(
-            birdwatch("beth", service="beth", canary_version="v2", metric=metric(env.ns), interval=3, max_weight=20)
+            birdwatch(
+                "beth", service="beth", canary_version="v2", metric=gauge_query(env.ns), interval=3, max_weight=20
+            )
         )
         await env.cluster.wait_phase("Promoted", "aleph")
         await env.cluster.wait_phase("Promoted", "beth")
@@ -331,7 +299,7 @@ async def test_two_canaries_at_once_with_their_own_intervals(env: Env) -> None:
 async def test_spec_change_mid_rollout(env: Env) -> None:
     mesh(env.admin, env.ns, versions=("v03", "v04", "v05"))
     async with env.controller(), env.cluster.recording() as history:
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=2))
         await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
         await env.cluster.patch_bw_spec("aleph", {"canary_version": "v05", "max_weight": 20})
         status = await env.cluster.wait_phase("Promoted")
@@ -348,9 +316,9 @@ async def test_spec_change_mid_rollout(env: Env) -> None:
 async def test_second_birdwatch_on_the_same_service_fails(env: Env) -> None:
     mesh(env.admin, env.ns)
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=3))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=3))
         await eventually(lambda: _weight_at_least(env.cluster, 10), what="first canary stepping")
-        await env.cluster.create_bw(birdwatch("aleph-again", metric=metric(env.ns), interval=3))
+        await env.cluster.create_bw(birdwatch("aleph-again", metric=gauge_query(env.ns), interval=3))
         status = await env.cluster.wait_phase("Failed", "aleph-again")
         first = await env.cluster.status("aleph")
     assert status["message"] == "VirtualService aleph is already managed by BirdWatch aleph"
@@ -362,7 +330,7 @@ async def test_resume_after_restart_continues_the_same_rollout(env: Env) -> None
     env.set_metric(0.25)
     async with env.cluster.recording() as history:
         async with env.controller():
-            await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=2, max_weight=50))
+            await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=2, max_weight=50))
             await eventually(lambda: _weight_at_least(env.cluster, 20), what="canary at 20%")
         stopped_at = (await env.cluster.status())["canaryWeight"]
         env.set_metric(0.5)  # a new baseline would now read 0.5; the resumed rollout must keep 0.25

@@ -17,21 +17,26 @@ import yaml
 
 from birdwatch.kube import BIRDWATCHES
 from birdwatch.updates import REQUEST_ANNOTATION
+from birdwatch_sandbox import kit
 from birdwatch_sandbox.envtest.assets import REPO
 from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
 from birdwatch_sandbox.envtest.exporter import Exporter
 from birdwatch_sandbox.envtest.promserver import PrometheusServer
-from birdwatch_sandbox.kit import Cluster, account_kubeconfig, birdwatch, canary_steps, controller, eventually, mesh
+from birdwatch_sandbox.kit import (
+    Cluster,
+    account_kubeconfig,
+    birdwatch,
+    canary_steps,
+    eventually,
+    gauge_query,
+    mesh,
+)
 from process import Fleet, clean_env
 
 pytest_plugins = ("process",)
 
 Obj = dict[str, Any]
 PLUGIN = Path(sys.executable).with_name("kubectl-birdwatch")
-
-
-def metric(namespace: str) -> str:
-    return f'max(bwtest_errors{{ns="{namespace}"}})'
 
 
 @dataclass(frozen=True)
@@ -57,25 +62,8 @@ async def plugin(*args: str, kubeconfig: Path, timeout: float = 60.0) -> Ran:
     return Ran(proc.returncode, out.decode(), err.decode())
 
 
-class Env:
-    def __init__(
-        self, cluster: Cluster, admin: KubeHTTP, plane: ControlPlane, prometheus: PrometheusServer, exporter: Exporter
-    ) -> None:
-        self.cluster, self.admin, self.plane, self.prometheus, self.exporter = (
-            cluster,
-            admin,
-            plane,
-            prometheus,
-            exporter,
-        )
-        self.ns = cluster.namespace
-
-    def set_metric(self, value: float) -> None:
-        self.exporter.set_gauge("bwtest_errors", value, ns=self.ns)
-        self.prometheus.wait_for_value(metric(self.ns), value)
-
-    def controller(self):  # type: ignore[no-untyped-def]
-        return controller(self.plane, prometheus_url=self.prometheus.url, namespaces=[self.ns])
+class Env(kit.Env):
+    """The test's servers and namespace, and ``kubectl birdwatch`` run as a user runs it."""
 
     async def run(self, *args: str, kubeconfig: Path | None = None, timeout: float = 60.0) -> Ran:
         return await plugin(*args, "-n", self.ns, kubeconfig=kubeconfig or self.plane.kubeconfig, timeout=timeout)
@@ -108,7 +96,7 @@ async def _at_least(cluster: Cluster, weight: int) -> bool:
 
 async def test_pause_holds_the_weight_and_resume_goes_on(env: Env) -> None:
     async with env.controller(), env.cluster.recording() as history:
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=1, max_weight=50))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=1, max_weight=50))
         await eventually(lambda: _at_least(env.cluster, 20), what="canary at 20%")
         paused = await env.run("pause", "aleph")
         assert paused.code == 0, paused
@@ -136,7 +124,7 @@ async def test_pause_holds_the_weight_and_resume_goes_on(env: Env) -> None:
 
 async def test_promote_finishes_now(env: Env) -> None:
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=30))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=30))
         await eventually(lambda: _at_least(env.cluster, 10), what="canary at 10%")
         ran = await env.run("promote", "aleph")
         status = await env.cluster.status()
@@ -153,7 +141,7 @@ async def test_promote_finishes_now(env: Env) -> None:
 async def test_abort_rolls_back_now_and_retry_starts_over(env: Env) -> None:
     async with env.controller(), env.cluster.recording() as history:
         await env.cluster.create_bw(
-            birdwatch("aleph", metric=metric(env.ns), interval=2, max_weight=30, if_unhealthy="freeze")
+            birdwatch("aleph", metric=gauge_query(env.ns), interval=2, max_weight=30, if_unhealthy="freeze")
         )
         await eventually(lambda: _at_least(env.cluster, 20), what="canary at 20%")
         aborted = await env.run("abort", "aleph")
@@ -182,7 +170,7 @@ async def test_abort_rolls_back_now_and_retry_starts_over(env: Env) -> None:
 async def test_resume_from_frozen_keeps_the_baseline(env: Env) -> None:
     async with env.controller():
         await env.cluster.create_bw(
-            birdwatch("aleph", metric=metric(env.ns), interval=1, max_weight=40, if_unhealthy="freeze")
+            birdwatch("aleph", metric=gauge_query(env.ns), interval=1, max_weight=40, if_unhealthy="freeze")
         )
         await eventually(lambda: _at_least(env.cluster, 20), what="canary at 20%")
         env.set_metric(1.0)
@@ -197,7 +185,7 @@ async def test_resume_from_frozen_keeps_the_baseline(env: Env) -> None:
 
 async def test_status_watch_follows_a_rollout_to_its_end(env: Env) -> None:
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=1, max_weight=30))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=1, max_weight=30))
         await env.cluster.wait_phase("Progressing")
         ran = await env.run("status", "aleph", "-w", timeout=60)
         shown = await env.run("status", "aleph")
@@ -214,7 +202,7 @@ async def test_plugin_errors_have_clear_exit_codes(env: Env, tmp_path: Path) -> 
     missing = await env.run("promote", "nobody")
     assert missing.code == 3, missing
     assert f"BirdWatch nobody not found in namespace {env.ns}" in missing.err
-    await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns)))
+    await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns)))
     unanswered = await env.run("promote", "aleph", "--timeout", "1")  # no birdwatch is running
     assert unanswered.code == 5, unanswered
     assert "no answer from birdwatch" in unanswered.err
@@ -243,7 +231,7 @@ async def test_the_operator_role_is_enough_to_steer(env: Env, tmp_path: Path) ->
         role=("ClusterRole", "birdwatch-operator"),
     )
     async with env.controller():
-        await env.cluster.create_bw(birdwatch("aleph", metric=metric(env.ns), interval=30))
+        await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(env.ns), interval=30))
         await eventually(lambda: _at_least(env.cluster, 10), what="canary at 10%")
         listed = await env.run("get", kubeconfig=operator)
         assert listed.code == 0, listed
@@ -267,7 +255,7 @@ async def _annotate(cluster: Cluster, value: str) -> None:
 async def test_a_request_made_while_birdwatch_is_down_is_acted_on_once(env: Env, fleet: Fleet) -> None:
     ns = env.ns
     first = fleet.start("first", namespace=ns)
-    await env.cluster.create_bw(birdwatch("aleph", metric=metric(ns), interval=2))
+    await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(ns), interval=2))
     await eventually(lambda: _at_least(env.cluster, 20), timeout=40, what="canary at 20%")
     first.kill()
     await first.wait(10)
@@ -304,7 +292,7 @@ async def test_sigkill_between_the_act_and_its_acknowledgement_does_not_act_twic
     request done there and only acknowledges it."""
     ns = env.ns
     proc = fleet.start("bw", namespace=ns)
-    await env.cluster.create_bw(birdwatch("aleph", metric=metric(ns), interval=30))
+    await env.cluster.create_bw(birdwatch("aleph", metric=gauge_query(ns), interval=30))
     await eventually(lambda: _at_least(env.cluster, 10), timeout=40, what="canary at 10%")
     await _annotate(env.cluster, "promote/1")
 

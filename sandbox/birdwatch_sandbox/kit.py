@@ -28,6 +28,8 @@ from birdwatch.kube import (
 from birdwatch.runner import App
 
 from .envtest.controlplane import ControlPlane, KubeHTTP
+from .envtest.exporter import Exporter
+from .envtest.promserver import PrometheusServer
 from .envtest.workloads import NEVER_READY, POD_BEHAVIOUR
 
 Obj = dict[str, Any]
@@ -401,3 +403,36 @@ async def _established(app: App, task: asyncio.Task[None]) -> bool:
     if task.done():
         task.result()  # raise what made it stop
     return bool(app.watchers) and all(w.established.is_set() for w in app.watchers)
+
+
+def gauge_query(namespace: str, name: str = "errors") -> str:
+    """The PromQL of a test's metric: the exporter's gauge ``bwtest_<name>`` for that namespace."""
+    return f'max(bwtest_{name}{{ns="{namespace}"}})'
+
+
+@dataclass
+class Env:
+    """The session's servers and one test's namespace, with the metric's value under the test's control."""
+
+    cluster: Cluster
+    admin: KubeHTTP
+    plane: ControlPlane
+    prometheus: PrometheusServer
+    exporter: Exporter
+
+    @property
+    def ns(self) -> str:
+        return self.cluster.namespace
+
+    def set_metric(self, value: float, name: str = "errors", *, wait: bool = True) -> None:
+        """Set the gauge, and (by default) wait until Prometheus answers the query with it, so the next check
+        birdwatch makes reads the new value."""
+        self.exporter.set_gauge(f"bwtest_{name}", value, ns=self.ns)
+        if wait:
+            self.prometheus.wait_for_value(gauge_query(self.ns, name), value)
+
+    def controller(
+        self, *, extra: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> contextlib.AbstractAsyncContextManager[App]:
+        """birdwatch in this event loop, on this test's namespace and the session's Prometheus."""
+        return controller(self.plane, prometheus_url=self.prometheus.url, namespaces=[self.ns], extra=extra, env=env)

@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 SOAK_ARGS ?=
+BENCH_ARGS ?= --interval 10 --n 10 --n 100 --n 500 --n 1000
 VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/birdwatch/__init__.py)
 IMAGE   ?= ghcr.io/otomato-gh/birdwatch
 
@@ -52,8 +53,8 @@ release: install ## dist/install.yaml: CRD and controller in one file (IMAGE=ghc
 clean: sandbox-down ## stop the sandbox and remove local state (keeps .venv/ and the binary cache)
 	rm -rf .sandbox .test-logs .demo build dist src/*.egg-info
 
-bench: install assets ## the benchmark: 10, 100 and 500 concurrent canaries on the sandbox (results in bench/results/)
-	$(BIN)/python bench/bench.py
+bench: install assets ## the benchmark: 10, 100, 500 and 1000 concurrent canaries, interval 10 s, on the sandbox (~12 min; results in bench/results/)
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 soak: install assets ## 50 canaries through faults and leader kills for ~10 minutes: wrong endings, failover (CI runs it)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)

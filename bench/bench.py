@@ -7,15 +7,23 @@ VirtualServices itself to time every traffic write. A last group turns unhealthy
 
 It prints, per N: step lateness (time between a canary's traffic writes minus its interval), reaction (creation
 to first traffic write), rollback reaction (an unhealthy value visible in Prometheus to the rollback write), the
-controller's CPU seconds per step and peak RSS, API requests per step by verb (from the API server's own
-apiserver_request_total), Prometheus queries per step, and the run's duration against its ideal. The last line is
-one JSON object; results are kept in bench/results/.
+controller's CPU per step, its peak RSS and RSS per canary (peak less the RSS before any BirdWatch existed, over N),
+API requests per step by verb (from the API server's own apiserver_request_total), the API server's CPU per step
+(its process_cpu_seconds_total: the cost birdwatch puts on the cluster) and etcd's, Prometheus queries per step,
+Events posted and dropped (birdwatch's own /metrics), the run's duration against its ideal, and how busy the machine
+was (load average, all cores' use and the share of it that was not the bench's). The last line is one JSON object;
+results are kept in bench/results/.
+
+`make bench` runs N = 10, 100, 500 and 1000, all with `--interval 10` (as the Flagger comparison of issue 16: N/10
+steps per second, 100 at N = 1000), so that the figures of different N differ only in N. Run alone, the script's
+default is `--interval 2` at N = 10, 100 and 500, the settings of the earlier N = 100 comparisons in the README.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import os
@@ -26,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,11 +80,25 @@ class Result:
     cpu_user_ms_per_step: float
     cpu_system_ms_per_step: float
     rss_mb_peak: float
+    rss_mb_idle: float
     rss_kb_per_canary: float
     api_requests_per_step: dict[str, float]
+    api_requests_total_per_step: float
+    apiserver_cpu_ms_per_step: float
+    apiserver_cpu_ms_per_step_over_idle: float
+    apiserver_idle_cores: float
+    etcd_cpu_ms_per_step: float
     prometheus_queries_per_step: float
+    events_posted: int
+    events_dropped: int
     duration_ratio: float
+    duration_ratio_p99: float
     wrong_endings: int
+    measured_seconds: float
+    load_before: list[float]
+    load_after: list[float]
+    machine_busy_cores: float
+    others_busy_cores: float
 
 
 def objects(name: str, namespace: str) -> list[dict[str, Any]]:
@@ -136,12 +159,51 @@ def proc_rss_kb(pid: int, key: str) -> int:
     return 0
 
 
-def request_counts(api: KubeHTTP) -> dict[tuple[str, str], float]:
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine, every core, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+
+
+def pid_cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        return sum(proc_cpu_seconds(pid))
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def sample_value(text: str, name: str) -> float:
+    """The sum of a metric's samples in Prometheus's text format (every label set)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def apiserver_metrics(api: KubeHTTP) -> str:
     status, body = api.request("GET", "/metrics")
     assert status == 200, body
+    return str(body)
+
+
+def own_metrics(port: int) -> str:
+    """birdwatch's own /metrics ("" while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return ""
+
+
+def request_counts(text: str) -> dict[tuple[str, str], float]:
     counts: dict[tuple[str, str], float] = {}
     pattern = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$")
-    for line in str(body).splitlines():
+    for line in text.splitlines():
         m = pattern.match(line)
         if not m:
             continue
@@ -153,8 +215,6 @@ def request_counts(api: KubeHTTP) -> dict[tuple[str, str], float]:
 
 
 def prometheus_queries(url: str) -> float:
-    import urllib.request
-
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:  # noqa: S310 - the sandbox's loopback URL
         text = resp.read().decode()
     total = 0.0
@@ -191,18 +251,29 @@ async def run_one(
     api: KubeHTTP,
     exporter: Exporter,
     log_dir: Path,
+    pids: dict[str, int],
+    namespaces: list[str],
     profile: bool = False,
 ) -> Result:
     namespace = f"bench-{n}-{uuid.uuid4().hex[:5]}"
     api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    namespaces.append(namespace)
     names = [f"svc-{i:04d}" for i in range(n)]
     bad_names = set(names[:bad])
-    for name in names:
-        for obj in objects(name, namespace):
-            api.apply(obj)
+    # A few at a time (each KubeHTTP request is a connection of its own): 3,000 objects one by one take a minute.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for created in pool.map(lambda name: [api.apply(obj) for obj in objects(name, namespace)], names):
+            assert created
     # The harness's controller-manager, scheduler and kwok make them available, as a cluster would.
     wait_available(api, namespace, *(f"{name}-v2" for name in names), timeout=60 + n * 0.2)
     exporter.set_gauge("bench_errors", 0.0, ns=namespace)
+    # The API server's CPU with no birdwatch (its own loops, the controllers' watches, Prometheus's scrape), to take
+    # from what it spends during the run.
+    await asyncio.sleep(2.0)
+    idle_from, idle_cpu0 = time.monotonic(), sample_value(apiserver_metrics(api), "process_cpu_seconds_total")
+    await asyncio.sleep(5.0)
+    idle_cpu1, idle_until = sample_value(apiserver_metrics(api), "process_cpu_seconds_total"), time.monotonic()
+    apiserver_idle = (idle_cpu1 - idle_cpu0) / (idle_until - idle_from)
 
     health = free_port()
     log_file = (log_dir / f"birdwatch-{n}.log").open("w")
@@ -239,9 +310,26 @@ async def run_one(
     kube = await Kube.connect(kubeconfig=env["KUBECONFIG"])
     canaries = {name: Canary(name) for name in names}
     watcher = asyncio.create_task(follow(kube, namespace, canaries))
+
+    def own() -> dict[str, float]:
+        text = own_metrics(health)
+        return {
+            "posted": sample_value(text, "birdwatch_events_posted_total"),
+            "dropped": sample_value(text, "birdwatch_events_dropped_total"),
+        }
+
+    def ours() -> float:
+        """CPU seconds of everything the bench runs: birdwatch, the sandbox's processes and this one."""
+        return pid_cpu_seconds(proc.pid) + sum(pid_cpu_seconds(p) for p in pids.values()) + sum(os.times()[:2])
+
     try:
         await asyncio.sleep(2.0)  # the controller's LIST and WATCH are up
-        cpu0, req0, q0 = proc_cpu_seconds(proc.pid), request_counts(api), prometheus_queries(env["PROMETHEUS_URL"])
+        load0 = [round(x, 2) for x in os.getloadavg()]
+        rss_idle = proc_rss_kb(proc.pid, "VmRSS")
+        metrics0 = apiserver_metrics(api)
+        cpu0, req0, q0 = proc_cpu_seconds(proc.pid), request_counts(metrics0), prometheus_queries(env["PROMETHEUS_URL"])
+        api_cpu0, etcd0 = sample_value(metrics0, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
+        own0, machine0, ours0, from_ = own(), machine_cpu_seconds(), ours(), time.monotonic()
         good_metric = "vector(0)"
         bad_metric = f'max(bench_errors{{ns="{namespace}"}})'
         started = time.monotonic()
@@ -268,12 +356,14 @@ async def run_one(
         # Turn the unhealthy group bad once each of them is at 30 %, and time the rollback from the moment
         # Prometheus shows the bad value.
         visible_at = 0.0
+        own_queries = 0  # the bench's, to take from Prometheus's count
         if bad_names:
             while min(max((w for _, w in canaries[b].writes), default=0) for b in bad_names) < 30:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             exporter.set_gauge("bench_errors", 1.0, ns=namespace)
             while True:
                 out = await asyncio.to_thread(_query, env["PROMETHEUS_URL"], bad_metric)
+                own_queries += 1
                 if out == 1.0:
                     visible_at = time.monotonic()
                     break
@@ -285,7 +375,18 @@ async def run_one(
             if done == n:
                 break
             await asyncio.sleep(0.5)
-        cpu1, req1, q1 = proc_cpu_seconds(proc.pid), request_counts(api), prometheus_queries(env["PROMETHEUS_URL"])
+        # The last Events (the endings) may still be on their way: wait until the count stands still.
+        own1, still = own(), time.monotonic()
+        while time.monotonic() - still < 1.0 and time.monotonic() < deadline + 15:
+            await asyncio.sleep(0.25)
+            latest = own()
+            if latest != own1:
+                own1, still = latest, time.monotonic()
+        metrics1 = apiserver_metrics(api)
+        cpu1, req1, q1 = proc_cpu_seconds(proc.pid), request_counts(metrics1), prometheus_queries(env["PROMETHEUS_URL"])
+        api_cpu1, etcd1 = sample_value(metrics1, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
+        machine1, ours1, until = machine_cpu_seconds(), ours(), time.monotonic()
+        load1 = [round(x, 2) for x in os.getloadavg()]
         rss_peak = proc_rss_kb(proc.pid, "VmHWM")
         statuses = (await kube.list(BIRDWATCHES, namespace))[0]
     finally:
@@ -313,12 +414,13 @@ async def run_one(
             zero = [t for t, w in c.writes if w == 0 and t > visible_at]
             if zero and visible_at:
                 rollback.append(zero[0] - visible_at)
-        elif up_steps and c.writes[-1][1] == 0:
+        elif up_steps and c.writes[-1][1] == 0 and len(c.writes) > 1:
             ratios.append((c.writes[-1][0] - up_steps[0][0]) / (len(up_steps) * interval))
     wanted = {name: ("RolledBack" if name in bad_names else "Promoted") for name in names}
     wrong = sum(1 for obj in statuses if (obj.get("status") or {}).get("phase") != wanted[obj["metadata"]["name"]])
     bench_requests = {("POST", "birdwatches"): n}  # ours; everything else on these resources is birdwatch's
     per_verb: dict[str, float] = {}
+    total_requests = 0.0
     for (verb, resource), value in req1.items():
         if resource.split("/")[0] not in (
             "virtualservices",
@@ -331,6 +433,7 @@ async def run_one(
         delta = value - req0.get((verb, resource), 0.0) - bench_requests.get((verb, resource), 0)
         if delta > 0 and verb != "WATCH":
             per_verb[f"{verb} {resource}"] = round(delta / max(steps, 1), 3)
+            total_requests += delta
 
     def ms(xs: list[float]) -> dict[str, float]:
         return {
@@ -350,17 +453,32 @@ async def run_one(
         cpu_user_ms_per_step=round((cpu1[0] - cpu0[0]) / max(steps, 1) * 1000, 3),
         cpu_system_ms_per_step=round((cpu1[1] - cpu0[1]) / max(steps, 1) * 1000, 3),
         rss_mb_peak=round(rss_peak / 1024, 1),
-        rss_kb_per_canary=round(rss_peak / n, 1),
-        api_requests_per_step=per_verb,
-        prometheus_queries_per_step=round((q1 - q0) / max(steps, 1), 3),
+        rss_mb_idle=round(rss_idle / 1024, 1),
+        rss_kb_per_canary=round((rss_peak - rss_idle) / n, 1),
+        api_requests_per_step=dict(sorted(per_verb.items(), key=lambda kv: -kv[1])),
+        api_requests_total_per_step=round(total_requests / max(steps, 1), 3),
+        apiserver_cpu_ms_per_step=round((api_cpu1 - api_cpu0) / max(steps, 1) * 1000, 3),
+        apiserver_cpu_ms_per_step_over_idle=round(
+            (api_cpu1 - api_cpu0 - apiserver_idle * (until - from_)) / max(steps, 1) * 1000, 3
+        ),
+        apiserver_idle_cores=round(apiserver_idle, 3),
+        etcd_cpu_ms_per_step=round((etcd1 - etcd0) / max(steps, 1) * 1000, 3),
+        prometheus_queries_per_step=round((q1 - q0 - own_queries) / max(steps, 1), 3),
+        events_posted=round(own1["posted"] - own0["posted"]),
+        events_dropped=round(own1["dropped"] - own0["dropped"]),
         duration_ratio=round(statistics.median(ratios), 3) if ratios else float("nan"),
+        duration_ratio_p99=round(pct(ratios, 99), 3),
         wrong_endings=wrong,
+        measured_seconds=round(until - from_, 1),
+        load_before=load0,
+        load_after=load1,
+        machine_busy_cores=round((machine1[0] - machine0[0]) / (until - from_), 2),
+        others_busy_cores=round(max(0.0, (machine1[0] - machine0[0]) - (ours1 - ours0)) / (until - from_), 2),
     )
 
 
 def _query(url: str, promql: str) -> float | None:
     import urllib.parse
-    import urllib.request
 
     with urllib.request.urlopen(  # noqa: S310 - the sandbox's loopback URL
         f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}),
@@ -386,10 +504,58 @@ def machine() -> dict[str, Any]:
     }
 
 
+def commit() -> dict[str, Any]:
+    """The commit measured, and the files under src/ that differed from it (birdwatch runs from the checkout)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"head": "unknown", "changed": []}
+    return {"head": head, "changed": [line[3:] for line in status.splitlines()]}
+
+
+def report(r: Result) -> str:
+    """One N's figures, as lines for a person (the JSON line at the end has them all)."""
+    verbs = ", ".join(f"{verb} {value}" for verb, value in r.api_requests_per_step.items())
+    return "\n".join(
+        [
+            f"N={r.n}  interval {r.interval} s ({r.n / r.interval:g} steps/s)  steps {r.steps}  "
+            f"measured {r.measured_seconds} s  wrong endings {r.wrong_endings}",
+            f"  step lateness p50/p99/max  {r.lateness_ms['p50']} / {r.lateness_ms['p99']} / {r.lateness_ms['max']} ms",
+            f"  reaction p50/p99           {r.reaction_ms['p50'] / 1000:.2f} / {r.reaction_ms['p99'] / 1000:.2f} s"
+            f"   rollback reaction p50/p99 {r.rollback_reaction_ms['p50'] / 1000:.2f} / "
+            f"{r.rollback_reaction_ms['p99'] / 1000:.2f} s",
+            f"  duration / ideal           {r.duration_ratio} (p99 {r.duration_ratio_p99})",
+            f"  birdwatch CPU per step     {r.cpu_ms_per_step} ms (user {r.cpu_user_ms_per_step}, system "
+            f"{r.cpu_system_ms_per_step})",
+            f"  birdwatch RSS              peak {r.rss_mb_peak} MB, idle {r.rss_mb_idle} MB, "
+            f"{r.rss_kb_per_canary} kB per canary",
+            f"  API server CPU per step    {r.apiserver_cpu_ms_per_step} ms (process_cpu_seconds_total), "
+            f"{r.apiserver_cpu_ms_per_step_over_idle} ms over its idle {r.apiserver_idle_cores} cores; etcd "
+            f"{r.etcd_cpu_ms_per_step} ms",
+            f"  API requests per step      {r.api_requests_total_per_step}: {verbs}",
+            f"  Prometheus queries / step  {r.prometheus_queries_per_step}",
+            f"  Events                     {r.events_posted} posted, {r.events_dropped} dropped "
+            f"({r.events_posted / max(r.steps, 1):.3f} posted per step)",
+            f"  machine                    load {r.load_before[0]} before, {r.load_after[0]} after (1-min); "
+            f"{r.machine_busy_cores} cores busy, {r.others_busy_cores} of them not the bench's",
+        ]
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, action="append", help="concurrent canaries (repeatable); default 10 100 500")
-    parser.add_argument("--interval", type=int, default=2)
+    parser.add_argument(
+        "--n",
+        type=int,
+        action="append",
+        help="concurrent canaries (repeatable); default 10 100 500 (make bench: and 1000)",
+    )
+    parser.add_argument("--interval", type=int, default=2, help="seconds between steps (default 2; make bench: 10)")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -397,6 +563,8 @@ def main() -> int:
     )
     parser.add_argument("--bad", type=float, default=0.1, help="share of canaries that turn unhealthy (default 0.1)")
     args = parser.parse_args()
+    began = time.monotonic()
+    measured = commit()
     if up() != 0:
         return 1
     env = read_env(SANDBOX / "env") or {}
@@ -413,6 +581,8 @@ def main() -> int:
     log_dir = SANDBOX / "bench"
     log_dir.mkdir(exist_ok=True)
     results = []
+    namespaces: list[str] = []
+    pids = {name: int(pid) for name, pid in state.get("pids", {}).items()}
     try:
         time.sleep(2.5)  # Prometheus picks up the exporter
         for n in args.n or [10, 100, 500]:
@@ -426,37 +596,34 @@ def main() -> int:
                     api=api,
                     exporter=exporter,
                     log_dir=log_dir,
+                    pids=pids,
+                    namespaces=namespaces,
                     profile=args.profile,
                 )
             )
             results.append(result)
-            print(
-                f"N={n:5d}  steps {result.steps:6d}  lateness p50/p99/max {result.lateness_ms['p50']}/"
-                f"{result.lateness_ms['p99']}/{result.lateness_ms['max']} ms  reaction p50/p99 "
-                f"{result.reaction_ms['p50']}/{result.reaction_ms['p99']} ms  rollback reaction p50/p99 "
-                f"{result.rollback_reaction_ms['p50']}/{result.rollback_reaction_ms['p99']} ms",
-                flush=True,
-            )
-            print(
-                f"         cpu {result.cpu_ms_per_step} ms/step (user {result.cpu_user_ms_per_step}, system "
-                f"{result.cpu_system_ms_per_step})  rss peak {result.rss_mb_peak} MB "
-                f"({result.rss_kb_per_canary} kB/canary)  api/step {result.api_requests_per_step}  "
-                f"prom queries/step {result.prometheus_queries_per_step}  duration/ideal {result.duration_ratio}  "
-                f"wrong endings {result.wrong_endings}",
-                flush=True,
-            )
+            print(report(result), flush=True)
     finally:
         exporter.stop()
         (targets / "bench.json").unlink(missing_ok=True)
+        # What the runs left (N Deployments, their pods, BirdWatches...) goes once all are measured, in the
+        # background (between runs, the namespace controller's work would load the next N's measurement); a kept
+        # sandbox would otherwise grow by every run.
+        for namespace in namespaces:
+            api.request("DELETE", f"/api/v1/namespaces/{namespace}")
+    took = time.monotonic() - began
     summary = {
         "machine": machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": measured,
+        "bench_seconds": round(took, 1),
         "results": [asdict(r) for r in results],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"saved {out.relative_to(REPO)}")
+    changed = f" with {', '.join(measured['changed'])} changed" if measured["changed"] else ""
+    print(f"commit {measured['head']}{changed}; bench took {took / 60:.1f} min; saved {out.relative_to(REPO)}")
     print(json.dumps(summary, separators=(",", ":")))
     return 0
 

@@ -102,6 +102,7 @@ async def test_events_come_out_in_the_order_of_their_moments_per_birdwatch(
         rollout(recorder, ref)
     assert await recorder.flush(timeout=20)
     assert recorder.dropped == 0
+    assert recorder.posted == len(names) * len(rollout_rows())
     for name in names:
         rows = describe(kubectl, control_plane, cluster.namespace, name)
         assert [(r.reason, r.message) for r in rows] == rollout_rows(), (name, rows)

@@ -15,7 +15,8 @@
 - **Bounded, and lossy on purpose.** At most ``queue_size`` Events wait; beyond that, or when the API server refuses
   one after a few quick tries, the Event is dropped, counted (``dropped``, ``on_drop``: the metric
   ``birdwatch_events_dropped_total``) and logged. Events are a courtesy to people running ``kubectl describe``:
-  losing one must never stop or slow a rollout.
+  losing one must never stop or slow a rollout. What got through is counted too (``posted``, ``on_post``: the
+  metric ``birdwatch_events_posted_total``, one per create or repeat's update).
 
 Retrying a create is safe because the name is chosen here: a POST whose answer was lost and that is sent again gets
 409 AlreadyExists, which means it was created.
@@ -105,6 +106,7 @@ class EventRecorder:
         workers: int = 8,
         repeat_window: float = 600.0,
         on_drop: Callable[[], None] | None = None,
+        on_post: Callable[[], None] | None = None,
     ) -> None:
         self._kube = kube
         self._component = component
@@ -113,6 +115,7 @@ class EventRecorder:
         self._slots = asyncio.Semaphore(workers)
         self._window = repeat_window
         self._on_drop = on_drop
+        self._on_post = on_post
         self._pending: dict[str, collections.deque[PendingEvent]] = {}
         self._queued = 0
         self._sending = 0
@@ -123,6 +126,7 @@ class EventRecorder:
         self._started = False
         self._closed = False
         self.dropped = 0
+        self.posted = 0  # creates and repeats' updates that the API server took
 
     @property
     def queued(self) -> int:
@@ -218,6 +222,7 @@ class EventRecorder:
                     series.count += occurrences
                     series.posted = time.monotonic()
                     self._series.move_to_end(key)
+                    self._count_post()
                     return
                 except NotFound:
                     pass  # expired (the API server keeps Events for an hour) or deleted: a new one
@@ -225,6 +230,7 @@ class EventRecorder:
         except KubeError as exc:
             self._drop(ref, event.reason, str(exc), status=exc.status)
             return
+        self._count_post()
         self._series[key] = _Series(name=name, count=occurrences, posted=time.monotonic())
         self._series.move_to_end(key)
         while len(self._series) > _SERIES_CACHE:
@@ -278,6 +284,11 @@ class EventRecorder:
                 if isinstance(exc, NotFound) or not exc.retryable or attempt == _ATTEMPTS - 1:
                     raise
             await asyncio.sleep(_RETRY_DELAY * 2**attempt)
+
+    def _count_post(self) -> None:
+        self.posted += 1
+        if self._on_post is not None:
+            self._on_post()
 
     def _drop(self, ref: ObjectRef, reason: str, detail: str, *, status: int | None = None) -> None:
         self.dropped += 1

@@ -68,6 +68,11 @@ class Metrics:
         self.events_dropped = Counter(
             "birdwatch_events_dropped", "Kubernetes Events dropped: queue full or refused", registry=self.registry
         )
+        self.events_posted = Counter(
+            "birdwatch_events_posted",
+            "Kubernetes Events posted: each create, and each update of a repeat's count",
+            registry=self.registry,
+        )
         self.notifications = Counter(
             "birdwatch_notifications",
             "Notifications by notifier and result: sent, retried (each retry), failed (given up), dropped (queue "

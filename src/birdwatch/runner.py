@@ -90,7 +90,7 @@ class App:
         prometheus = PrometheusClient(settings.prometheus, on_error=lambda _: self.metrics.prometheus_errors.inc())
         providers = build_providers(settings.providers, default=prometheus, observe=self.metrics.provider_query)
         notifier = build_notifiers(settings.notifiers, kube=kube, on_result=self.metrics.notification)
-        events = EventRecorder(kube, on_drop=self.metrics.events_dropped.inc)
+        events = EventRecorder(kube, on_drop=self.metrics.events_dropped.inc, on_post=self.metrics.events_posted.inc)
         factory = self._canary_factory(kube, providers, events, notifier)
         ports_ready = False
         try:

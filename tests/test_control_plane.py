@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +14,10 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from birdwatch.workload import deployment_available
-from birdwatch_sandbox.envtest.controlplane import KubeHTTP
+from birdwatch_sandbox.envtest.controlplane import KubeHTTP, Server
 from birdwatch_sandbox.envtest.exporter import Exporter
 from birdwatch_sandbox.envtest.promserver import PrometheusServer
-from birdwatch_sandbox.envtest.workloads import CRASH, CRASH_AFTER, NEVER_READY, NODE_NAMES, POD_BEHAVIOUR
+from birdwatch_sandbox.envtest.workloads import CRASH, CRASH_AFTER, NEVER_READY, NODE_NAMES, POD_BEHAVIOUR, Workloads
 from birdwatch_sandbox.kit import apply_all, deployment, rolled_out
 
 VALID_SPEC: dict[str, Any] = {
@@ -259,3 +260,35 @@ async def test_deleting_a_namespace_deletes_what_is_in_it(admin_http: KubeHTTP) 
         f"/apis/networking.istio.io/v1/namespaces/{name}/virtualservices",
     ):
         assert get(admin_http, path)["items"] == [], path
+
+
+def test_a_component_that_exits_while_starting_is_started_once_more(admin_http: KubeHTTP, tmp_path: Path) -> None:
+    """The workloads' start survives one early exit of a component (kube-controller-manager has been seen to exit
+    once, saying "Unauthorized"): it is started again, both runs' output in its one log."""
+    marker = tmp_path / "ran-once"
+    flaky = Server(
+        "flaky",
+        [
+            "sh",
+            "-c",
+            f"if [ -e {marker} ]; then echo second run; exec sleep 60; fi; touch {marker}; echo first; exit 1",
+        ],
+        tmp_path / "flaky.log",
+    )
+    flaky.start()
+    deadline = time.monotonic() + 10
+    while flaky.alive():
+        assert time.monotonic() < deadline, "the first run did not exit"
+        time.sleep(0.05)
+    workloads = Workloads([flaky])
+    try:
+        workloads.wait_ready(admin_http, timeout=10)
+        assert workloads.restarted == {"flaky"}
+        assert flaky.alive()
+        deadline = time.monotonic() + 10
+        while "second run" not in flaky.log.read_text():
+            assert time.monotonic() < deadline, flaky.tail()
+            time.sleep(0.05)
+        assert flaky.log.read_text().splitlines() == ["first", "second run"]
+    finally:
+        flaky.stop()

@@ -51,7 +51,7 @@ release: install ## dist/install.yaml: CRD and controller in one file (IMAGE=ghc
 	$(BIN)/python hack/release.py --version $(VERSION) --image $(IMAGE) --output dist/install.yaml
 
 clean: sandbox-down ## stop the sandbox and remove local state (keeps .venv/ and the binary cache)
-	rm -rf .sandbox .test-logs .demo build dist src/*.egg-info
+	rm -rf .sandbox .test-logs .demo build dist src/*.egg-info sandbox/*.egg-info sandbox/build
 
 bench: install assets ## the benchmark: 10, 100, 500 and 1000 concurrent canaries, interval 10 s, on the sandbox (~12 min; results in bench/results/)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

@@ -5,14 +5,15 @@ VirtualServices, DestinationRules and available Deployments in a fresh namespace
 process, creates N BirdWatches (increment 10, a short interval, the cheap metric `vector(0)`), and watches the
 VirtualServices itself to time every traffic write. A last group turns unhealthy mid-rollout to time rollbacks.
 
-It prints, per N: step lateness (time between a canary's traffic writes minus its interval), reaction (creation
-to first traffic write), rollback reaction (an unhealthy value visible in Prometheus to the rollback write), the
-controller's CPU per step, its peak RSS and RSS per canary (peak less the RSS before any BirdWatch existed, over N),
-API requests per step by verb (from the API server's own apiserver_request_total), the API server's CPU per step
-(its process_cpu_seconds_total: the cost birdwatch puts on the cluster) and etcd's, Prometheus queries per step,
-Events posted and dropped (birdwatch's own /metrics), the run's duration against its ideal, and how busy the machine
-was (load average, all cores' use and the share of it that was not the bench's). The last line is one JSON object;
-results are kept in bench/results/.
+It prints, per N: step lateness (time between a canary's traffic writes minus its interval; also once every canary has
+made its first step, apart from the start of N rollouts at once), reaction (creation to first traffic write), rollback
+reaction (an unhealthy value visible in Prometheus to the rollback write), the controller's CPU per step, its peak RSS
+and RSS per canary (peak less the RSS before any BirdWatch existed, over N), API requests per step by verb (from the API
+server's own apiserver_request_total), the API server's CPU per step (its process_cpu_seconds_total: the cost birdwatch
+puts on the cluster) and etcd's, Prometheus queries per step, Events posted and dropped (birdwatch's own /metrics), the
+run's duration against its ideal, and how busy the machine was (load average, all cores' use and the share of it that
+was not the bench's). The last line is one JSON object; results are kept in bench/results/ (`--table RESULTS` prints
+one as the README's table).
 
 `make bench` runs N = 10, 100, 500 and 1000, all with `--interval 10` (as the Flagger comparison of issue 16: N/10
 steps per second, 100 at N = 1000), so that the figures of different N differ only in N. Run alone, the script's
@@ -74,6 +75,7 @@ class Result:
     interval: int
     steps: int
     lateness_ms: dict[str, float]
+    lateness_started_ms: dict[str, float]  # steps after every canary's first: the start of N at once left out
     reaction_ms: dict[str, float]
     rollback_reaction_ms: dict[str, float]
     cpu_ms_per_step: float
@@ -81,6 +83,7 @@ class Result:
     cpu_system_ms_per_step: float
     rss_mb_peak: float
     rss_mb_idle: float
+    rss_mb_end: float
     rss_kb_per_canary: float
     api_requests_per_step: dict[str, float]
     api_requests_total_per_step: float
@@ -99,6 +102,7 @@ class Result:
     load_after: list[float]
     machine_busy_cores: float
     others_busy_cores: float
+    bench_busy_cores: float  # this process: creating the BirdWatches, its watch of the VirtualServices
 
 
 def objects(name: str, namespace: str) -> list[dict[str, Any]]:
@@ -330,6 +334,7 @@ async def run_one(
         cpu0, req0, q0 = proc_cpu_seconds(proc.pid), request_counts(metrics0), prometheus_queries(env["PROMETHEUS_URL"])
         api_cpu0, etcd0 = sample_value(metrics0, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
         own0, machine0, ours0, from_ = own(), machine_cpu_seconds(), ours(), time.monotonic()
+        self0 = sum(os.times()[:2])
         good_metric = "vector(0)"
         bad_metric = f'max(bench_errors{{ns="{namespace}"}})'
         started = time.monotonic()
@@ -386,8 +391,9 @@ async def run_one(
         cpu1, req1, q1 = proc_cpu_seconds(proc.pid), request_counts(metrics1), prometheus_queries(env["PROMETHEUS_URL"])
         api_cpu1, etcd1 = sample_value(metrics1, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
         machine1, ours1, until = machine_cpu_seconds(), ours(), time.monotonic()
+        self1 = sum(os.times()[:2])
         load1 = [round(x, 2) for x in os.getloadavg()]
-        rss_peak = proc_rss_kb(proc.pid, "VmHWM")
+        rss_peak, rss_end = proc_rss_kb(proc.pid, "VmHWM"), proc_rss_kb(proc.pid, "VmRSS")
         statuses = (await kube.list(BIRDWATCHES, namespace))[0]
     finally:
         watcher.cancel()
@@ -401,6 +407,8 @@ async def run_one(
 
     steps = sum(len([w for _, w in c.writes if w > 0]) for c in canaries.values())
     lateness: list[float] = []
+    lateness_started: list[float] = []
+    all_started = max((w[0] for c in canaries.values() for w in c.writes[:1]), default=0.0)
     reaction: list[float] = []
     rollback: list[float] = []
     ratios: list[float] = []
@@ -410,6 +418,8 @@ async def run_one(
             reaction.append(up_steps[0][0] - c.created)
         for (t0, _), (t1, _) in itertools.pairwise(up_steps):
             lateness.append(t1 - t0 - interval)
+            if t0 >= all_started:
+                lateness_started.append(t1 - t0 - interval)
         if c.name in bad_names:
             zero = [t for t, w in c.writes if w == 0 and t > visible_at]
             if zero and visible_at:
@@ -447,6 +457,7 @@ async def run_one(
         interval=interval,
         steps=steps,
         lateness_ms=ms(lateness),
+        lateness_started_ms=ms(lateness_started),
         reaction_ms=ms(reaction),
         rollback_reaction_ms=ms(rollback),
         cpu_ms_per_step=round((sum(cpu1) - sum(cpu0)) / max(steps, 1) * 1000, 3),
@@ -454,6 +465,7 @@ async def run_one(
         cpu_system_ms_per_step=round((cpu1[1] - cpu0[1]) / max(steps, 1) * 1000, 3),
         rss_mb_peak=round(rss_peak / 1024, 1),
         rss_mb_idle=round(rss_idle / 1024, 1),
+        rss_mb_end=round(rss_end / 1024, 1),
         rss_kb_per_canary=round((rss_peak - rss_idle) / n, 1),
         api_requests_per_step=dict(sorted(per_verb.items(), key=lambda kv: -kv[1])),
         api_requests_total_per_step=round(total_requests / max(steps, 1), 3),
@@ -474,6 +486,7 @@ async def run_one(
         load_after=load1,
         machine_busy_cores=round((machine1[0] - machine0[0]) / (until - from_), 2),
         others_busy_cores=round(max(0.0, (machine1[0] - machine0[0]) - (ours1 - ours0)) / (until - from_), 2),
+        bench_busy_cores=round((self1 - self0) / (until - from_), 3),
     )
 
 
@@ -525,15 +538,17 @@ def report(r: Result) -> str:
         [
             f"N={r.n}  interval {r.interval} s ({r.n / r.interval:g} steps/s)  steps {r.steps}  "
             f"measured {r.measured_seconds} s  wrong endings {r.wrong_endings}",
-            f"  step lateness p50/p99/max  {r.lateness_ms['p50']} / {r.lateness_ms['p99']} / {r.lateness_ms['max']} ms",
+            f"  step lateness p50/p99/max  {r.lateness_ms['p50']} / {r.lateness_ms['p99']} / {r.lateness_ms['max']} ms;"
+            f" once all started {r.lateness_started_ms['p50']} / {r.lateness_started_ms['p99']} / "
+            f"{r.lateness_started_ms['max']} ms",
             f"  reaction p50/p99           {r.reaction_ms['p50'] / 1000:.2f} / {r.reaction_ms['p99'] / 1000:.2f} s"
             f"   rollback reaction p50/p99 {r.rollback_reaction_ms['p50'] / 1000:.2f} / "
             f"{r.rollback_reaction_ms['p99'] / 1000:.2f} s",
             f"  duration / ideal           {r.duration_ratio} (p99 {r.duration_ratio_p99})",
             f"  birdwatch CPU per step     {r.cpu_ms_per_step} ms (user {r.cpu_user_ms_per_step}, system "
             f"{r.cpu_system_ms_per_step})",
-            f"  birdwatch RSS              peak {r.rss_mb_peak} MB, idle {r.rss_mb_idle} MB, "
-            f"{r.rss_kb_per_canary} kB per canary",
+            f"  birdwatch RSS              peak {r.rss_mb_peak} MB, idle {r.rss_mb_idle} MB, at the end "
+            f"{r.rss_mb_end} MB; {r.rss_kb_per_canary} kB per canary (peak less idle, over N)",
             f"  API server CPU per step    {r.apiserver_cpu_ms_per_step} ms (process_cpu_seconds_total), "
             f"{r.apiserver_cpu_ms_per_step_over_idle} ms over its idle {r.apiserver_idle_cores} cores; etcd "
             f"{r.etcd_cpu_ms_per_step} ms",
@@ -542,9 +557,35 @@ def report(r: Result) -> str:
             f"  Events                     {r.events_posted} posted, {r.events_dropped} dropped "
             f"({r.events_posted / max(r.steps, 1):.3f} posted per step)",
             f"  machine                    load {r.load_before[0]} before, {r.load_after[0]} after (1-min); "
-            f"{r.machine_busy_cores} cores busy, {r.others_busy_cores} of them not the bench's",
+            f"{r.machine_busy_cores} cores busy, {r.others_busy_cores} of them not the bench's (the bench itself "
+            f"{r.bench_busy_cores})",
         ]
     )
+
+
+def table(path: Path) -> str:
+    """A saved run as the README's Markdown table."""
+    rows = [
+        "| N (steps/s) | step lateness p50 / p99 (p99 once all started) | reaction p50 / p99 | rollback reaction "
+        "p50 / p99 | CPU per step | RSS peak (per canary) | API requests per step | API server CPU per step "
+        "(over its idle) | Events posted / dropped | run / ideal (p99) | load, others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in json.loads(path.read_text())["results"]:
+        late, react, back = r["lateness_ms"], r["reaction_ms"], r["rollback_reaction_ms"]
+        started = r.get("lateness_started_ms", {}).get("p99", float("nan"))
+        over_idle = r.get("apiserver_cpu_ms_per_step_over_idle", float("nan"))
+        rows.append(
+            f"| {r['n']:,} ({r['n'] / r['interval']:g}) | {late['p50']:g} / {late['p99']:,g} ms "
+            f"({started:,g} ms) | {react['p50'] / 1000:.2f} / {react['p99'] / 1000:.2f} s | "
+            f"{back['p50'] / 1000:.2f} / {back['p99'] / 1000:.2f} s | {r['cpu_ms_per_step']:.2f} ms | "
+            f"{r['rss_mb_peak']:g} MB ({r['rss_kb_per_canary']:g} kB) | {r['api_requests_total_per_step']:.2f} | "
+            f"{r['apiserver_cpu_ms_per_step']:.1f} ({over_idle:.1f}) ms"
+            f" | {r['events_posted']:,} / {r['events_dropped']:,} | "
+            f"{r['duration_ratio']:.3f} ({r['duration_ratio_p99']:.2f}) | "
+            f"{r['load_before'][0]:g}-{r['load_after'][0]:g}, {r['others_busy_cores']:g} |"
+        )
+    return "\n".join(rows)
 
 
 def main() -> int:
@@ -562,7 +603,13 @@ def main() -> int:
         help="run birdwatch under cProfile (slower); the profile lands in .sandbox/bench/",
     )
     parser.add_argument("--bad", type=float, default=0.1, help="share of canaries that turn unhealthy (default 0.1)")
+    parser.add_argument(
+        "--table", type=Path, metavar="RESULTS", help="print a saved run as the README's table, and stop"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
     began = time.monotonic()
     measured = commit()
     if up() != 0:

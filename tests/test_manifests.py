@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -381,11 +382,96 @@ def test_deployment_is_locked_down_and_runs_with_leader_election(tmp_path: Path)
     assert settings.leader.enabled
     assert settings.leader.namespace == SYSTEM_NS
     assert settings.leader.identity == "birdwatch-7d4b9c-x2x9k"
+    assert settings.leader.name == "birdwatch"  # the Lease it had before shards: an upgrade never runs two leaders
     assert settings.health_address is not None
     assert settings.health_address.endswith(":8080")
     assert settings.slack_token == "xoxb-from-secret"
     # SIGTERM's grace fits inside the pod's: canaries get their safe point before the kubelet's SIGKILL.
     assert settings.shutdown_grace < pod["terminationGracePeriodSeconds"]
+
+
+# --- a second shard: deploy/shard1/ ---------------------------------------------------------------------------------
+
+SHARD_DIR = DEPLOY / "shard1"
+SHARD_KEY = "birdwatch.otomato.link/shard"
+
+
+def container_settings(dep: Obj) -> Any:
+    """What ``birdwatch run`` makes of a Deployment's arguments and environment (files set aside)."""
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    values = {e["name"]: e.get("value", "") for e in container["env"]}
+    values |= {"POD_NAME": f"{dep['metadata']['name']}-7d4b9c-x2x9k", "POD_NAMESPACE": SYSTEM_NS}
+    values |= {"BIRDWATCH_PROVIDERS_FILE": "", "BIRDWATCH_NOTIFIERS_FILE": ""}
+    return settings_from(build_parser(values).parse_args(["run", *container.get("args", [])]), values)
+
+
+def test_the_shard_is_the_main_pod_for_its_own_birdwatches_on_a_lease_of_its_own(
+    installed: str, kubectl: Path, control_plane: ControlPlane, admin_http: KubeHTTP, namespace: str
+) -> None:
+    docs = manifests(SHARD_DIR)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("Deployment", "birdwatch-shard1"),
+        ("NetworkPolicy", "birdwatch-shard1"),
+        ("PodDisruptionBudget", "birdwatch-shard1"),
+    ]
+    assert all(d["metadata"]["namespace"] == SYSTEM_NS for d in docs)
+    built = [d for d in yaml.safe_load_all(run_kubectl(kubectl, control_plane, "kustomize", str(SHARD_DIR))) if d]
+    assert sorted(map(ident, built)) == sorted(map(ident, docs))
+    assert not any(d.get("kind") == "Kustomization" for d in docs), "use the file name Kustomization"
+
+    main = one("Deployment", "birdwatch")
+    (shard,) = [d for d in docs if d["kind"] == "Deployment"]
+    main_labels = main["spec"]["template"]["metadata"]["labels"]
+    shard_labels = shard["spec"]["template"]["metadata"]["labels"]
+    # No selector of one instance takes the other's pods in (a Deployment's, a budget's, a network policy's).
+    for selector in (
+        main["spec"]["selector"]["matchLabels"],
+        one("PodDisruptionBudget", "birdwatch")["spec"]["selector"]["matchLabels"],
+        one("NetworkPolicy", "birdwatch")["spec"]["podSelector"]["matchLabels"],
+    ):
+        assert not selector.items() <= shard_labels.items(), selector
+    for d in docs:
+        selector = (d["spec"].get("selector") or d["spec"].get("podSelector"))["matchLabels"]
+        assert selector.items() <= shard_labels.items(), d["kind"]
+        assert not selector.items() <= main_labels.items(), d["kind"]
+
+    # The same pod as the main instance's, but for its labels and its shard's two settings.
+    def pod(dep: Obj) -> Obj:
+        template = yaml.safe_load(yaml.safe_dump(dep["spec"]["template"]))
+        template["metadata"].pop("labels")
+        for term in template["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]:
+            term["podAffinityTerm"]["labelSelector"].pop("matchLabels")
+        (container,) = template["spec"]["containers"]
+        shards = ("BIRDWATCH_LABEL_SELECTOR", "BIRDWATCH_LEADER_ELECT_NAME")
+        container["env"] = [e for e in container["env"] if e["name"] not in shards]
+        return template
+
+    assert pod(shard) == pod(main)
+    assert shard["spec"]["replicas"] == main["spec"]["replicas"]
+
+    # Each carries out its own BirdWatches, on a Lease of its own.
+    main_settings, shard_settings = container_settings(main), container_settings(shard)
+    assert main_settings.label_selector == f"!{SHARD_KEY}"
+    assert shard_settings.label_selector == f"{SHARD_KEY}=shard1"
+    assert (main_settings.leader.name, shard_settings.leader.name) == ("birdwatch", "birdwatch-shard1")
+    assert main_settings.leader.enabled
+    assert shard_settings.leader.enabled
+
+    # The API server splits BirdWatches between the two selectors without overlap or gap.
+    apply_all(admin_http, namespace, [birdwatch("plain", metric="vector(0)")])
+    labelled = birdwatch("sharded", metric="vector(0)")
+    labelled["metadata"]["labels"] = {SHARD_KEY: "shard1"}
+    apply_all(admin_http, namespace, [labelled])
+    for settings, expected in ((main_settings, ["plain"]), (shard_settings, ["sharded"])):
+        selector = urllib.parse.quote(settings.label_selector)
+        path = f"/apis/otomato.link/v1alpha1/namespaces/{namespace}/birdwatches?labelSelector={selector}"
+        status, body = admin_http.request("GET", path)
+        assert status == 200, body
+        assert [i["metadata"]["name"] for i in body["items"]] == expected
+
+    # Beside deploy/, the API server takes it (a server-side dry run: the session's birdwatch-system stays as it is).
+    applied = run_kubectl(kubectl, control_plane, "apply", "-k", str(SHARD_DIR), "--dry-run=server").splitlines()
+    assert len(applied) == len(docs), applied
 
 
 def test_a_disruption_budget_keeps_one_replica_through_a_drain() -> None:
@@ -544,6 +630,7 @@ async def test_a_whole_rollout_under_the_service_account(
         *("--leader-elect-namespace", SYSTEM_NS, "--leader-elect-name", lease_name),
         *("--leader-elect-identity", identity),
         *("--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5"),
+        *("--label-selector", "!birdwatch.otomato.link/shard"),  # deploy/'s main instance, as a shard
     ]
     async with running(argv) as app:
         assert app.settings.kubeconfig == str(sa_kubeconfig)

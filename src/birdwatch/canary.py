@@ -24,7 +24,7 @@ import structlog
 
 from .decision import Decision, DestinationRuleChange, Failure, Need, Observed, Reading, Request, Say, decide
 from .events import EventRecorder, ObjectRef
-from .kube import Conflict, Kube, KubeError, NotFound, Obj
+from .kube import BIRDWATCHES, Conflict, Kube, KubeError, NotFound, Obj
 from .metrics import Metrics
 from .notify import Notice, Notifier, next_step
 from .providers.base import ProviderLookup
@@ -197,9 +197,9 @@ class Canary:
             traffic = self.router.observe()
             if traffic.problem is not None:
                 self.router.forget()  # read both again next round: what is missing may have appeared
-        return self._observed(traffic)
+        return self._observed(traffic, await self._unknown_owner(traffic.record))
 
-    def _observed(self, traffic: Traffic) -> Observed:
+    def _observed(self, traffic: Traffic, fetched_owner: Obj | None = None) -> Observed:
         return Observed(
             now=time.time(),
             name=self.name,
@@ -213,7 +213,7 @@ class Canary:
             spec_digest=self._spec_digest,
             request=self._request(),
             samples=tuple(self._samples),
-            other_owner=self._other_owner(traffic.record),
+            other_owner=self._other_owner(traffic.record, fetched_owner),
             query_checked=self._query_checked,
             stopping=self._stop.is_set(),
             poll=self._ports.ready_poll,
@@ -230,11 +230,24 @@ class Canary:
         acknowledged = self.status.request.id if self.status.request is not None else None
         return Request.parse(value) if value and value != acknowledged else None
 
-    def _other_owner(self, record: Record | None) -> str | None:
+    async def _unknown_owner(self, record: Record | None) -> Obj | None:
+        """Another BirdWatch's unfinished rollout holds the VirtualService and this birdwatch does not know that
+        BirdWatch: with a label selector it may be another shard's, whose claim is not stale. Asked of the API
+        server, once per round while such a record is there (a claim or a Failed ending follows at once)."""
+        if record is None or record.uid == self.uid or record.done:
+            return None
+        if self._ports.owners(self.namespace, record.birdwatch) is not None:
+            return None
+        try:
+            return await self._ports.kube.get(BIRDWATCHES, self.namespace, record.birdwatch)
+        except NotFound:
+            return None
+
+    def _other_owner(self, record: Record | None, fetched: Obj | None = None) -> str | None:
         """The BirdWatch whose rollout holds the VirtualService, if it is another one and its rollout goes on."""
         if record is None or record.uid == self.uid or record.done:
             return None
-        owner = self._ports.owners(self.namespace, record.birdwatch)
+        owner = self._ports.owners(self.namespace, record.birdwatch) or fetched
         if owner is None or owner["metadata"].get("uid") != record.uid:
             return None  # the owner is gone: its claim is stale
         owner_status = Status.parse(owner)

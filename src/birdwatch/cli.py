@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         version=__version__,
         prometheus=settings.prometheus.url,
         namespaces=list(settings.namespaces) or "all",
+        label_selector=settings.label_selector or "all",
         leader_elect=settings.leader.enabled,
     )
     try:

@@ -26,6 +26,7 @@ class LeaderSettings:
     namespace: str = "birdwatch-system"
     name: str = "birdwatch"
     identity: str = ""
+    label_selector: str = ""  # the shard this Lease elects for, written on the Lease ("" for all BirdWatches)
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
@@ -44,6 +45,7 @@ class Settings:
     log_level: str
     health_address: str | None  # host:port, or None for no health/metrics server
     leader: LeaderSettings
+    label_selector: str | None = None  # only BirdWatches matching it (a shard); None: all of them
     shutdown_grace: float
     watch_read_timeout: float
     notifiers: tuple[NotifierSettings, ...] = ()  # from --notifiers-file, and `slack` from today's SLACK_* settings
@@ -74,6 +76,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
         metavar="NS",
         help="watch only this namespace; repeat for several [$BIRDWATCH_NAMESPACES, comma-separated]; "
         "default: all namespaces",
+    )
+    k.add_argument(
+        "--label-selector",
+        default=e("BIRDWATCH_LABEL_SELECTOR"),
+        metavar="SELECTOR",
+        help="carry out only the BirdWatches whose labels match this selector, in kubectl's syntax, so that "
+        "several birdwatch Deployments share the BirdWatches as shards, e.g. birdwatch.otomato.link/shard=shard1, "
+        "and for the main instance !birdwatch.otomato.link/shard; with --leader-elect, each shard needs its own "
+        "--leader-elect-name [$BIRDWATCH_LABEL_SELECTOR] (default: every BirdWatch)",
     )
     p = parser.add_argument_group("Prometheus")
     p.add_argument(
@@ -184,12 +195,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
         metavar="NS",
         help="namespace of the Lease [$POD_NAMESPACE] (default birdwatch-system)",
     )
-    le.add_argument("--leader-elect-name", default="birdwatch", metavar="NAME", help="Lease name (default birdwatch)")
+    le.add_argument(
+        "--leader-elect-name",
+        default=e("BIRDWATCH_LEADER_ELECT_NAME"),
+        metavar="NAME",
+        help="Lease name [$BIRDWATCH_LEADER_ELECT_NAME] (default birdwatch; required with --label-selector: one "
+        "Lease per shard)",
+    )
     le.add_argument(
         "--leader-elect-identity",
         default=e("POD_NAME"),
         metavar="ID",
-        help="this replica's identity [$POD_NAME] (default hostname and pid)",
+        help="this replica's identity: the Lease's holder, and the reportingInstance of its Events (which shard "
+        "posted them) [$POD_NAME] (default hostname and pid)",
     )
     le.add_argument(
         "--lease-duration",
@@ -236,6 +254,15 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         raise ConfigError(f"--health-address must be HOST:PORT or 'off', not {health!r}")
     if args.leader_elect and not args.renew_deadline < args.lease_duration:
         raise ConfigError("--renew-deadline must be shorter than --lease-duration")
+    label_selector = str(args.label_selector).strip() if args.label_selector else None
+    if args.leader_elect and label_selector and not args.leader_elect_name:
+        # A default derived from the selector would be unreadable in `kubectl get lease`, and would move the main
+        # instance off the Lease it had before sharding: the operator names each shard's Lease.
+        raise ConfigError(
+            f"--label-selector {label_selector} with --leader-elect needs --leader-elect-name "
+            "($BIRDWATCH_LEADER_ELECT_NAME): each shard elects its leader on a Lease of its own, e.g. "
+            "birdwatch-shard1 (two shards on one Lease would take turns instead of working side by side)"
+        )
     password = _env(env, "PROMETHEUS_PASSWORD")
     if password and not args.prometheus_username:
         raise ConfigError("PROMETHEUS_PASSWORD is set but --prometheus-username / $PROMETHEUS_USERNAME is not")
@@ -279,10 +306,12 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         log_format=args.log_format,
         log_level=args.log_level,
         health_address=health,
+        label_selector=label_selector,
         leader=LeaderSettings(
             enabled=args.leader_elect,
             namespace=args.leader_elect_namespace,
-            name=args.leader_elect_name,
+            name=args.leader_elect_name or "birdwatch",
+            label_selector=label_selector or "",
             identity=args.leader_elect_identity or "",
             lease_duration=args.lease_duration,
             renew_deadline=args.renew_deadline,

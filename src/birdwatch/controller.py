@@ -2,7 +2,9 @@
 
 It keeps the last resourceVersion it saw (bookmarks included); when the server says 410 Gone it LISTs again and
 reconciles what changed while it was away; a broken or silent stream is re-opened with backoff. One loop per watched
-scope (all namespaces, or each namespace given).
+scope (all namespaces, or each namespace given). With a label selector (a shard, ``--label-selector``) the API server
+sends only the BirdWatches that match: one relabelled away comes as DELETED (its labels as they were before), and is
+forgotten as a deleted one is.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Watcher:
         settings: WatchSettings = WatchSettings(),
         resource: Resource = BIRDWATCHES,
         wanted: Callable[[bytes], bool] | None = None,
+        label_selector: str | None = None,
     ) -> None:
         self._kube = kube
         self._registry = registry
@@ -56,6 +59,7 @@ class Watcher:
         self._settings = settings
         self._resource = resource
         self._wanted = wanted  # a cheap look at each raw event: the ones it declines are not even decoded
+        self._label_selector = label_selector  # asked of the API server on the LIST and the WATCH
         self.established = asyncio.Event()  # set once the first LIST has been reconciled
         self.relists = 0
 
@@ -71,7 +75,9 @@ class Watcher:
         while True:
             try:
                 if resource_version is None:
-                    items, resource_version = await self._kube.list(self._resource, self._namespace)
+                    items, resource_version = await self._kube.list(
+                        self._resource, self._namespace, label_selector=self._label_selector
+                    )
                     for item in items:  # LIST items carry no apiVersion/kind of their own
                         item.setdefault("apiVersion", self._resource.api_version)
                         item.setdefault("kind", self._resource.kind)
@@ -83,6 +89,7 @@ class Watcher:
                         scope=scope,
                         count=len(items),
                         resource_version=resource_version,
+                        **({"label_selector": self._label_selector} if self._label_selector else {}),
                     )
                 opened = time.monotonic()
                 async for event in self._kube.watch(
@@ -92,6 +99,7 @@ class Watcher:
                     timeout_seconds=self._settings.timeout_seconds,
                     read_timeout=self._settings.read_timeout,
                     wanted=self._wanted,
+                    label_selector=self._label_selector,
                 ):
                     failures = 0
                     obj = event.object
@@ -122,6 +130,8 @@ class Watcher:
             if kind in ("ADDED", "MODIFIED"):
                 self._registry.observe(obj)
             elif kind == "DELETED":
+                # Deleted, or (with a label selector) relabelled so that it no longer matches: the API server
+                # sends both alike, with the object as it was before, and both mean the same here.
                 self._registry.forget(obj["metadata"]["namespace"], obj["metadata"]["name"])
             else:
                 log.warning("unknown watch event type; skipped", type=kind)

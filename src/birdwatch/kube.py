@@ -519,6 +519,7 @@ class Kube:
         timeout_seconds: int = 300,
         read_timeout: float = 90.0,
         wanted: Callable[[bytes], bool] | None = None,
+        label_selector: str | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """Stream events from ``resource_version`` until the server ends the watch (after ``timeout_seconds``).
 
@@ -527,6 +528,9 @@ class Kube:
 
         A stream silent for ``read_timeout`` seconds raises ``KubeError`` (bookmarks arrive about once a minute,
         so silence means a dead connection). An ERROR event becomes ``Gone`` (410) or ``KubeError``.
+
+        With ``label_selector`` the server sends only matching objects: one that stops matching (relabelled) comes
+        as DELETED, with its content from before, one that starts to as ADDED.
         """
         params = {
             "watch": "true",
@@ -534,6 +538,8 @@ class Kube:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_seconds),
         }
+        if label_selector:
+            params["labelSelector"] = label_selector
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=read_timeout)
         path = resource.path(namespace)
         url = URL(self._host + path + "?" + urlencode(params), encoded=True)

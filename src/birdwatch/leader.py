@@ -14,6 +14,9 @@ Every replica tries to write itself into the Lease as ``holderIdentity``; the le
 * Stepping down (or stopping) cancels the work first, and only then releases the Lease: ``holderIdentity`` is
   removed and ``leaseDurationSeconds`` set to 1, as client-go's ReleaseOnCancel does. An empty holder is free at
   once for client-go and for us, and an elector that ignored the empty holder still waits one second only.
+* Each shard (``--label-selector``) elects on a Lease of its own. The holder writes its selector on the Lease (the
+  annotation ``birdwatch.otomato.link/label-selector``); a replica that finds the Lease held for another selector
+  says so loudly, since two shards on one Lease would take turns instead of working side by side.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .metrics import Metrics
 log = structlog.get_logger(__name__)
 
 RELEASED_LEASE_SECONDS = 1  # the API server refuses 0; with no holder the value hardly matters anyway
+SELECTOR_ANNOTATION = "birdwatch.otomato.link/label-selector"  # the shard the holder works for ("" for all)
 _SPEC_FIELDS = ("holderIdentity", "leaseDurationSeconds", "acquireTime", "renewTime", "leaseTransitions")
 
 
@@ -141,6 +145,7 @@ class LeaderElector:
         self._lease_seconds = max(1, math.ceil(settings.lease_duration))
         self._observed: _Observation | None = None
         self._announced: str | None = None  # the holder "waiting for leadership" was last logged for
+        self._other_shard: tuple[str, str] | None = None  # (holder, selector) last warned about
         self._leading = False
         self._log = log.bind(lease=f"{settings.namespace}/{settings.name}", identity=identity)
 
@@ -270,7 +275,11 @@ class LeaderElector:
             body: Obj = {
                 "apiVersion": LEASES.api_version,
                 "kind": LEASES.kind,
-                "metadata": {"name": name, "namespace": ns},
+                "metadata": {
+                    "name": name,
+                    "namespace": ns,
+                    "annotations": {SELECTOR_ANNOTATION: self.settings.label_selector},
+                },
                 "spec": mine.spec(),
             }
             try:
@@ -283,11 +292,15 @@ class LeaderElector:
         self._observe(current, time.monotonic())
         if current.holder and current.holder != self.identity and not self._expired():
             self._announce(current.holder)
+            self._check_shard(current.holder, lease)
             return _Attempt(outcome=_Outcome.HELD)
         mine = self._record(current)
         written_at = time.monotonic()
+        meta = lease.get("metadata") or {}
+        annotations = {**(meta.get("annotations") or {}), SELECTOR_ANNOTATION: self.settings.label_selector}
+        body = {**lease, "metadata": {**meta, "annotations": annotations}, "spec": mine.spec(lease.get("spec"))}
         try:
-            await self._kube.replace(LEASES, ns, name, {**lease, "spec": mine.spec(lease.get("spec"))})
+            await self._kube.replace(LEASES, ns, name, body)
         except Conflict:
             return _Attempt(outcome=_Outcome.LOST_RACE)
         self._observe(mine, written_at)
@@ -364,6 +377,21 @@ class LeaderElector:
         if holder != self._announced:
             self._announced = holder
             self._log.info("waiting for leadership", holder=holder)
+
+    def _check_shard(self, holder: str, lease: Obj) -> None:
+        """Warn (once per holder and selector) when the Lease's holder works for another label selector."""
+        theirs = ((lease.get("metadata") or {}).get("annotations") or {}).get(SELECTOR_ANNOTATION)
+        if theirs is None or theirs == self.settings.label_selector or self._other_shard == (holder, theirs):
+            return  # written by a birdwatch from before shards, or the same shard
+        self._other_shard = (holder, theirs)
+        self._log.error(
+            "lease held by another shard; give each shard its own --leader-elect-name",
+            holder=holder,
+            holder_label_selector=theirs or "(all BirdWatches)",
+            label_selector=self.settings.label_selector or "(all BirdWatches)",
+            detail="two shards on one Lease take turns instead of working side by side; this replica waits for "
+            "the Lease (expected only while a Deployment changes its --label-selector)",
+        )
 
     def _is_healthy(self) -> bool:
         if self._healthy is None:

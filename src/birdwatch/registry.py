@@ -52,9 +52,15 @@ class Entry:
 
 class Registry:
     def __init__(
-        self, factory: CanaryFactory, *, grace: float = 10.0, on_forget: Callable[[str, str], None] | None = None
+        self,
+        factory: CanaryFactory,
+        *,
+        grace: float = 10.0,
+        on_forget: Callable[[str, str], None] | None = None,
+        label_selector: str | None = None,
     ) -> None:
         self._factory = factory
+        self._label_selector = label_selector  # this shard's (only for what the log says)
         self._grace = grace
         self._on_forget = on_forget
         self._entries: dict[Key, Entry] = {}
@@ -137,18 +143,28 @@ class Registry:
         self._launch(key, new, obj, after=previous)
 
     def forget(self, namespace: str, name: str) -> None:
-        """The BirdWatch was deleted: stop its task, leave the traffic where it is."""
+        """The BirdWatch was deleted, or (with a label selector) relabelled so that it no longer matches: the API
+        server says both alike. Either way: stop its task, leave the traffic where it is; a shard that carries it
+        out now resumes from the record on its VirtualService."""
         key = (namespace, name)
         self._index(key, None)
         self._objects.pop(key, None)
         self._finished.pop(key, None)
         entry = self._entries.pop(key, None)
-        if entry is not None:
+        if entry is not None and self._label_selector:
+            log.info(
+                "birdwatch deleted, or relabelled out of this shard; stopping its canary task (traffic stays as it is)",
+                namespace=namespace,
+                birdwatch=name,
+                label_selector=self._label_selector,
+            )
+        elif entry is not None:
             log.info(
                 "birdwatch deleted; stopping its canary task (traffic stays as it is)",
                 namespace=namespace,
                 birdwatch=name,
             )
+        if entry is not None:
             self._retire(entry)
         if self._on_forget is not None:
             self._on_forget(namespace, name)

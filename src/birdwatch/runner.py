@@ -17,8 +17,9 @@ from .canary import Canary, Ports
 from .config import Settings
 from .controller import Watcher, WatchSettings
 from .endings import EndingAudit, about_an_ending
+from .errors import ConfigError
 from .events import EventRecorder
-from .kube import DESTINATIONRULES, VIRTUALSERVICES, Kube
+from .kube import BIRDWATCHES, DESTINATIONRULES, VIRTUALSERVICES, Kube, KubeError
 from .metrics import Metrics
 from .notifiers.hub import build as build_notifiers
 from .notify import Moment, Notice, Notifier
@@ -48,6 +49,8 @@ class App:
         self._leading = not settings.leader.enabled
         self._watch_tasks: list[asyncio.Task[None]] = []
         self._prometheus_task: asyncio.Task[None] | None = None
+        # Who this replica is: the Lease's holder, and every Event's reportingInstance (which shard wrote it).
+        self.identity = settings.leader.identity or f"{socket.gethostname()}-{os.getpid()}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,10 +93,16 @@ class App:
         prometheus = PrometheusClient(settings.prometheus, on_error=lambda _: self.metrics.prometheus_errors.inc())
         providers = build_providers(settings.providers, default=prometheus, observe=self.metrics.provider_query)
         notifier = build_notifiers(settings.notifiers, kube=kube, on_result=self.metrics.notification)
-        events = EventRecorder(kube, on_drop=self.metrics.events_dropped.inc, on_post=self.metrics.events_posted.inc)
+        events = EventRecorder(
+            kube,
+            instance=self.identity,
+            on_drop=self.metrics.events_dropped.inc,
+            on_post=self.metrics.events_posted.inc,
+        )
         factory = self._canary_factory(kube, providers, events, notifier)
         ports_ready = False
         try:
+            await self._check_label_selector(kube)
             await notifier.start()
             await events.start()
             ports_ready = True
@@ -144,11 +153,10 @@ class App:
         from .leader import LeaderElector
 
         assert self.kube is not None
-        identity = self.settings.leader.identity or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaderElector(
             self.kube,
             self.settings.leader,
-            identity=identity,
+            identity=self.identity,
             metrics=self.metrics,
             healthy=lambda: self._loops_alive()[0],
         )
@@ -161,11 +169,18 @@ class App:
     async def _work(self, kube: Kube, factory: CanaryFactory, events: EventRecorder) -> None:
         """One term of work (the whole run without leader election): watch and carry out canaries until stopped,
         or until leadership is lost (then this is cancelled). A crashed watch loop ends the term with an error."""
-        registry = Registry(factory, grace=self._grace(), on_forget=self.metrics.forget)
+        registry = Registry(
+            factory, grace=self._grace(), on_forget=self.metrics.forget, label_selector=self.settings.label_selector
+        )
         self.registry = registry
         settings = WatchSettings(read_timeout=self.settings.watch_read_timeout)
         scopes = self.settings.namespaces or (None,)
-        self.watchers = [Watcher(kube, registry, namespace=ns, settings=settings) for ns in scopes]
+        # A shard lists and watches only its own BirdWatches: the others never reach the registry, so neither the
+        # canaries nor the ending audit below (which asks the registry) ever act for them.
+        selector = self.settings.label_selector
+        self.watchers = [
+            Watcher(kube, registry, namespace=ns, settings=settings, label_selector=selector) for ns in scopes
+        ]
         self._watch_tasks = [
             asyncio.create_task(w.run(), name=f"watch {ns or '*'}") for w, ns in zip(self.watchers, scopes, strict=True)
         ]
@@ -193,6 +208,20 @@ class App:
             await audit.close()
             await registry.close()
             self.metrics.canaries.set(0)
+
+    async def _check_label_selector(self, kube: Kube) -> None:
+        """A selector the API server cannot parse is bad configuration: found by one LIST at start (the server's
+        parse is the one that counts) and said in one line, rather than as a watch failing forever."""
+        selector = self.settings.label_selector
+        if not selector:
+            return
+        try:
+            await kube.list(BIRDWATCHES, (self.settings.namespaces or (None,))[0], label_selector=selector, page_size=1)
+        except KubeError as exc:
+            if exc.status == 400:
+                raise ConfigError(f"--label-selector {selector!r}: the API server refused it: {exc.message}") from None
+            # RBAC, a missing CRD, an unreachable server: the watch loop reports those and keeps trying.
+        log.info("carrying out only the BirdWatches matching the label selector", label_selector=selector)
 
     def _grace(self) -> float:
         """How long canaries get to reach a safe point when stopping. A leader that steps down must be done before

@@ -103,6 +103,7 @@ class Result:
     machine_busy_cores: float
     others_busy_cores: float
     bench_busy_cores: float  # this process: creating the BirdWatches, its watch of the VirtualServices
+    cores_by_process: dict[str, float]  # birdwatch and each of the sandbox's processes, while measured
 
 
 def objects(name: str, namespace: str) -> list[dict[str, Any]]:
@@ -335,6 +336,7 @@ async def run_one(
         api_cpu0, etcd0 = sample_value(metrics0, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
         own0, machine0, ours0, from_ = own(), machine_cpu_seconds(), ours(), time.monotonic()
         self0 = sum(os.times()[:2])
+        by_process0 = {"birdwatch": pid_cpu_seconds(proc.pid)} | {k: pid_cpu_seconds(p) for k, p in pids.items()}
         good_metric = "vector(0)"
         bad_metric = f'max(bench_errors{{ns="{namespace}"}})'
         started = time.monotonic()
@@ -392,6 +394,7 @@ async def run_one(
         api_cpu1, etcd1 = sample_value(metrics1, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
         machine1, ours1, until = machine_cpu_seconds(), ours(), time.monotonic()
         self1 = sum(os.times()[:2])
+        by_process1 = {"birdwatch": pid_cpu_seconds(proc.pid)} | {k: pid_cpu_seconds(p) for k, p in pids.items()}
         load1 = [round(x, 2) for x in os.getloadavg()]
         rss_peak, rss_end = proc_rss_kb(proc.pid, "VmHWM"), proc_rss_kb(proc.pid, "VmRSS")
         statuses = (await kube.list(BIRDWATCHES, namespace))[0]
@@ -487,6 +490,7 @@ async def run_one(
         machine_busy_cores=round((machine1[0] - machine0[0]) / (until - from_), 2),
         others_busy_cores=round(max(0.0, (machine1[0] - machine0[0]) - (ours1 - ours0)) / (until - from_), 2),
         bench_busy_cores=round((self1 - self0) / (until - from_), 3),
+        cores_by_process={k: round((by_process1[k] - v) / (until - from_), 3) for k, v in by_process0.items()},
     )
 
 
@@ -559,6 +563,7 @@ def report(r: Result) -> str:
             f"  machine                    load {r.load_before[0]} before, {r.load_after[0]} after (1-min); "
             f"{r.machine_busy_cores} cores busy, {r.others_busy_cores} of them not the bench's (the bench itself "
             f"{r.bench_busy_cores})",
+            "  cores by process           " + ", ".join(f"{k} {v}" for k, v in r.cores_by_process.items()),
         ]
     )
 

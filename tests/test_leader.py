@@ -41,10 +41,11 @@ class FlakyKube(Kube):
         body: Obj | None = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        decode: bool = True,
     ) -> Obj:
         if self.down:
             raise KubeError(0, "Unreachable", f"{method} {path}: ClientConnectorError: connection refused")
-        return await super().request(method, path, body=body, params=params, content_type=content_type)
+        return await super().request(method, path, body=body, params=params, content_type=content_type, decode=decode)
 
 
 @dataclass

@@ -442,7 +442,10 @@ class Kube:
         body: Obj | None = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        decode: bool = True,
     ) -> Obj:
+        """The answer, decoded; ``decode=False``: {} (for a write whose answer nobody reads, e.g. a status write,
+        decoding a whole object each step is wasted work). Errors raise either way."""
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         url = URL(self._host + path + ("?" + urlencode(params) if params else ""), encoded=True)
         for attempt in (0, 1):
@@ -466,6 +469,8 @@ class Kube:
             break
         if status >= 400:
             raise _error(status, raw, method=method, path=path)
+        if not decode:
+            return {}
         result: Obj = json.loads(raw) if raw else {}
         return _without_managed_fields(result)
 
@@ -494,11 +499,19 @@ class Kube:
             params["continue"] = meta["continue"]
 
     async def merge_patch(
-        self, resource: Resource, namespace: str, name: str, patch: Obj, *, subresource: str | None = None
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        patch: Obj,
+        *,
+        subresource: str | None = None,
+        decode: bool = True,
     ) -> Obj:
-        """A JSON merge-patch; put ``metadata.resourceVersion`` in ``patch`` to make it conditional (409)."""
+        """A JSON merge-patch; put ``metadata.resourceVersion`` in ``patch`` to make it conditional (409).
+        ``decode=False``: the answer is not decoded, and {} returned."""
         return await self.request(
-            "PATCH", resource.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH
+            "PATCH", resource.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH, decode=decode
         )
 
     async def create(self, resource: Resource, namespace: str | None, obj: Obj) -> Obj:

@@ -162,7 +162,8 @@ class StatusWriter:
             "conditions": conditions,
         }
 
-    async def write(self, status: Status) -> Obj:
-        return await self._kube.merge_patch(
-            BIRDWATCHES, self._namespace, self._name, {"status": self.body(status)}, subresource="status"
+    async def write(self, status: Status) -> None:
+        # The answer (the whole BirdWatch) is not decoded: nothing reads it, and the watch brings the object anyway.
+        await self._kube.merge_patch(
+            BIRDWATCHES, self._namespace, self._name, {"status": self.body(status)}, subresource="status", decode=False
         )

@@ -18,6 +18,7 @@ CANARY_LABELS = ("namespace", "birdwatch")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._phases: dict[tuple[str, str], Phase] = {}  # the phase each canary's series say now
         labels = CANARY_LABELS
         self.canary_weight = Gauge(
             "birdwatch_canary_weight", "Canary traffic weight in percent", labels, registry=self.registry
@@ -89,11 +90,17 @@ class Metrics:
         self.notifications.labels(notifier, result).inc()
 
     def phase(self, namespace: str, name: str, phase: Phase) -> None:
+        # A series per phase, each a label look-up, at every status write; the phase seldom changes between them.
+        key = (namespace, name)
+        if self._phases.get(key) is phase:
+            return
+        self._phases[key] = phase
         for p in Phase:
             self.canary_phase.labels(namespace, name, p.value).set(1 if p is phase else 0)
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop a deleted BirdWatch's series, so thousands of past canaries do not grow the registry."""
+        self._phases.pop((namespace, name), None)
         for gauge in (self.canary_weight, self.metric_value, self.baseline_value):
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)

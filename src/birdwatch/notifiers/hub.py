@@ -16,11 +16,10 @@ import structlog
 from birdwatch.kube import Kube
 from birdwatch.notify import Notice, Notifier, NullNotifier
 
-from . import discord, email, googlechat, mattermost, rocketchat, teams, webhook
+from . import discord, email, googlechat, mattermost, rocketchat, teams
 from .delivery import Delivery, OnResult, Sender
 from .http import JSONWebhookSender
 from .settings import NotifierSettings
-from .slack import SlackNotifier
 from .threads import AnnotationThreads
 
 log = structlog.get_logger(__name__)
@@ -78,7 +77,10 @@ def build(
 
 
 def _make(s: NotifierSettings, *, kube: Kube | None, on_result: OnResult | None) -> Delivery:
+    # slack_sdk (3 MB of RSS) and cloudevents (2 MB) are imported only when a notifier of theirs is configured.
     if s.type == "slack":
+        from .slack import SlackNotifier
+
         assert s.token is not None
         return SlackNotifier(
             name=s.name,
@@ -96,6 +98,8 @@ def _make(s: NotifierSettings, *, kube: Kube | None, on_result: OnResult | None)
         assert s.sender is not None
         sender: Sender = email.EmailSender(server=s.smtp, sender=s.sender, to=s.to, timeout=s.timeout)
     elif s.type == "webhook":
+        from . import webhook
+
         assert s.url is not None
         sender = webhook.WebhookSender(url=s.url, secret=s.secret, timeout=s.timeout)
     else:
@@ -136,4 +140,6 @@ def make_notifier(*, token: str | None, channel: str, base_url: str | None = Non
     if token is None or not token.strip():
         log.info("slack notifications disabled: no token configured")
         return NullNotifier()
+    from .slack import SlackNotifier
+
     return SlackNotifier(token=token, channel=channel, base_url=base_url)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, ClassVar
-
-import jsonpath
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .config import ProviderConfigError, ProviderSpec
 from .errors import AmbiguousResult, BadQuery, Unavailable
 from .http import Answer, HttpProvider, snippet
+
+if TYPE_CHECKING:
+    import jsonpath
 
 OPTIONS = frozenset({"method", "body"})
 _MAX_PATHS = 1024
@@ -71,6 +72,9 @@ class WebProvider(HttpProvider):
     def _compile(self, expression: str) -> jsonpath.JSONPath | jsonpath.CompoundJSONPath:
         compiled = self._paths.get(expression)
         if compiled is None:
+            # Here, not at the top: python-jsonpath (1.5 MB of RSS) only for a configuration that uses this type.
+            import jsonpath
+
             try:
                 compiled = jsonpath.compile(expression)
             except jsonpath.JSONPathError as exc:

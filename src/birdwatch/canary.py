@@ -394,7 +394,9 @@ class Canary:
             self._updates.changed.clear()
             return True
         # The registry sets ``changed`` for a request and when it asks the task to stop: one event to wait on.
+        # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, once a step.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._updates.changed.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._updates.changed.wait()
         self._updates.changed.clear()
         return not self._stop.is_set()

@@ -91,6 +91,9 @@ class Watcher:
                         resource_version=resource_version,
                         **({"label_selector": self._label_selector} if self._label_selector else {}),
                     )
+                    # This frame lives as long as the watch: held here, the LIST's objects would outlive their use
+                    # (about 7 kB per VirtualService and DestinationRule the ending audit listed).
+                    del items
                 opened = time.monotonic()
                 async for event in self._kube.watch(
                     self._resource,

@@ -12,7 +12,7 @@ import base64
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +22,7 @@ from birdwatch import __version__
 
 from .config import ProviderSpec
 from .errors import BadQuery, QueryError, Unavailable
-from .secrets import FileSecret, Scrubber
+from .secrets import FileSecret, FixedSecret, Scrubber
 
 __all__ = ["Answer", "HttpProvider", "snippet"]
 
@@ -60,9 +60,19 @@ class HttpProvider:
 
     kind: ClassVar[str] = "HTTP endpoint"
     _ready_path: ClassVar[str | None] = None  # GET here answering 2xx means ready; None: a harmless query instead
+    _credential_noun: ClassVar[str] = "token"  # how messages name the token file
 
-    def __init__(self, spec: ProviderSpec) -> None:
+    def __init__(
+        self,
+        spec: ProviderSpec,
+        *,
+        password: str | None = None,
+        on_error: Callable[[QueryError], None] | None = None,
+    ) -> None:
+        """``password`` is for a password given as a value rather than a file (``$PROMETHEUS_PASSWORD`` of the
+        default provider); ``on_error`` hears of every failed attempt, retried or not, and should not raise."""
         self._spec = spec
+        self._on_error = on_error
         self._base = spec.address
         self._ssl: ssl.SSLContext | bool = True
         if spec.ca_file is not None:
@@ -71,8 +81,12 @@ class HttpProvider:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.scrubber = Scrubber()
-        self._password = FileSecret(spec.password_file, what="password") if spec.password_file else None
-        self._token = FileSecret(spec.token_file, what="token") if spec.token_file else None
+        self._password: FileSecret | FixedSecret | None = None
+        if spec.password_file is not None:
+            self._password = FileSecret(spec.password_file, what="password")
+        elif password is not None:
+            self._password = FixedSecret(password)
+        self._token = FileSecret(spec.token_file, what=self._credential_noun) if spec.token_file else None
         self._header_files = {h: FileSecret(p, what=f"{h} header") for h, p in spec.header_files.items()}
         for secret in (self._password, self._token, *self._header_files.values()):
             if secret is not None:
@@ -109,6 +123,8 @@ class HttpProvider:
             except QueryError as err:
                 err.message = self.scrubber.text(err.message)
                 err.args = (err.message,)
+                if self._on_error is not None:
+                    self._on_error(err)
                 left = deadline - time.monotonic()
                 if not err.retryable or last_chance or left <= 0:
                     raise

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
-from birdwatch.prometheus import one_number
-
 from .config import ProviderSpec
 from .errors import AmbiguousResult, Unavailable
 from .http import HttpProvider, snippet
+from .prometheus import one_number
 
 OPTIONS = frozenset({"org_id"})
 

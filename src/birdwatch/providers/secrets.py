@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import Unavailable
 
-__all__ = ["FileSecret", "Scrubber"]
+__all__ = ["FileSecret", "FixedSecret", "Scrubber"]
 
 
 class FileSecret:
@@ -40,6 +40,19 @@ class FileSecret:
         return self._value
 
 
+class FixedSecret:
+    """A secret given as a value (from the environment) rather than a file; speaks as :class:`FileSecret` does."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def value(self) -> str:
+        return self._value
+
+    def known(self) -> str:
+        return self._value
+
+
 class Scrubber:
     """Replaces every secret a provider has sent with ``***``. A server or a proxy may echo what it was sent."""
 
@@ -48,9 +61,11 @@ class Scrubber:
         self._files: list[FileSecret] = []
         self._derived: list[Callable[[], str]] = []
 
-    def add(self, secret: str | FileSecret | Callable[[], str]) -> None:
+    def add(self, secret: str | FileSecret | FixedSecret | Callable[[], str]) -> None:
         """A fixed secret, a file's, or one made from them (``derived``, e.g. a basic-auth header's base64)."""
-        if isinstance(secret, FileSecret):
+        if isinstance(secret, FixedSecret):
+            self.add(secret.value())
+        elif isinstance(secret, FileSecret):
             self._files.append(secret)
         elif isinstance(secret, str):
             if secret:

@@ -151,7 +151,10 @@ async def test_a_rollout_outlives_many_short_lived_exec_credentials(
         await cluster.create_bw(birdwatch("aleph", metric=metric, increment=10, interval=2))
         status = await cluster.wait_phase("Promoted", timeout=60)
         assert app.kube is not None
-        refreshes = app.kube.credentials.refreshes
+        credentials = app.kube.credentials
+    # Read once the controller has stopped, so no refresh starts after: one may have been cut short by the stop,
+    # counted but with its token not (or not yet) minted.
+    refreshes = credentials.refreshes
     minted = plugin.minted()
     assert canary_steps(history, "canary") == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 0]
     assert await cluster.weights() == {"production": 100, "canary": 0}
@@ -160,7 +163,7 @@ async def test_a_rollout_outlives_many_short_lived_exec_credentials(
     # (The API server keeps a successful authentication 10 s: a client that never refreshed would be refused
     # half-way.)
     assert len(minted) >= 6, minted
-    assert refreshes == len(minted) - 1
+    assert refreshes in (len(minted) - 1, len(minted)), (refreshes, minted)
     # Every token was used, and refreshed before it ended: the API server never refused one of them.
     reviewed = {t for t, ok in tokens.reviews() if ok}
     assert set(minted[:-1]) <= reviewed

@@ -140,7 +140,7 @@ class Registry:
                 birdwatch=key[1],
                 generation=generation,
             )
-        self._launch(key, new, obj, after=previous)
+        self._launch(key, new, after=previous)
 
     def forget(self, namespace: str, name: str) -> None:
         """The BirdWatch was deleted, or (with a label selector) relabelled so that it no longer matches: the API
@@ -179,21 +179,23 @@ class Registry:
 
     # --- the tasks --------------------------------------------------------------------------------------------
 
-    def _launch(
-        self, key: Key, entry: Entry, obj: Obj, *, after: asyncio.Task[Phase | None] | None, delay: float = 0.0
-    ) -> None:
+    def _launch(self, key: Key, entry: Entry, *, after: asyncio.Task[Phase | None] | None, delay: float = 0.0) -> None:
+        # The task starts from the newest object seen, and keeps no copy of its own: a task lives as long as its
+        # rollout, and the object it was launched for is stale after the first status write (~3 kB a canary).
         async def carry_out() -> Phase | None:
             if after is not None:
                 await self._wait_retired(after)
             if delay:
                 await asyncio.sleep(delay)
-            return await self._factory(self._objects.get(key, obj), entry.stop, entry.updates)
+            if key not in self._objects:
+                return None  # forgotten while it waited
+            return await self._factory(self._objects[key], entry.stop, entry.updates)
 
         task = asyncio.create_task(carry_out(), name=f"canary {key[0]}/{key[1]} gen {entry.generation}")
         entry.task = task
-        task.add_done_callback(lambda t: self._done(key, entry, obj, t))
+        task.add_done_callback(lambda t: self._done(key, entry, t))
 
-    def _done(self, key: Key, entry: Entry, obj: Obj, task: asyncio.Task[Phase | None]) -> None:
+    def _done(self, key: Key, entry: Entry, task: asyncio.Task[Phase | None]) -> None:
         current = self._entries.get(key) is entry
         if task.cancelled():
             if current:
@@ -204,11 +206,11 @@ class Registry:
             log.error(
                 "canary task crashed", namespace=key[0], birdwatch=key[1], exc_info=(type(exc), exc, exc.__traceback__)
             )
-            if current and not self._closed and not entry.stop.is_set():
+            if current and not self._closed and not entry.stop.is_set() and key in self._objects:
                 delay = RESTART_BACKOFF[min(entry.crashes, len(RESTART_BACKOFF) - 1)]
                 entry.crashes += 1
                 # Its record on the VirtualService lets the new task resume where this one died.
-                self._launch(key, entry, self._objects.get(key, obj), after=None, delay=delay)
+                self._launch(key, entry, after=None, delay=delay)
             elif current:
                 self._entries.pop(key, None)
             return

@@ -246,7 +246,9 @@ class App:
         async def carry_out(obj: dict[str, Any], stop: asyncio.Event, updates: Updates) -> Phase | None:
             self.metrics.canaries.inc()
             try:
-                return await Canary(obj, ports, stop=stop, updates=updates).run()
+                canary = Canary(obj, ports, stop=stop, updates=updates)
+                del obj  # the rollout's life long, this frame would keep the first object seen (stale at once)
+                return await canary.run()
             finally:
                 self.metrics.canaries.dec()
 

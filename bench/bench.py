@@ -364,19 +364,26 @@ async def run_one(
         # Prometheus shows the bad value.
         visible_at = 0.0
         own_queries = 0  # the bench's, to take from Prometheus's count
+        deadline = started + interval * 12 + 120
         if bad_names:
-            while min(max((w for _, w in canaries[b].writes), default=0) for b in bad_names) < 30:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            exporter.set_gauge("bench_errors", 1.0, ns=namespace)
-            while True:
-                out = await asyncio.to_thread(_query, env["PROMETHEUS_URL"], bad_metric)
-                own_queries += 1
-                if out == 1.0:
-                    visible_at = time.monotonic()
+            # Bounded, as everything else here: a run that never gets there says so and goes on to its figures.
+            while min(max((w for _, w in canaries[b].writes), default=0) for b in bad_names) < 30:
+                if time.monotonic() > deadline:
+                    print("  the unhealthy group never reached 30 %: no rollback reaction", file=sys.stderr)
                     break
                 await asyncio.sleep(0.05)
+            else:
+                exporter.set_gauge("bench_errors", 1.0, ns=namespace)
+                while time.monotonic() < deadline:
+                    out = await asyncio.to_thread(_query, env["PROMETHEUS_URL"], bad_metric)
+                    own_queries += 1
+                    if out == 1.0:
+                        visible_at = time.monotonic()
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    print("  Prometheus never showed the unhealthy value: no rollback reaction", file=sys.stderr)
 
-        deadline = started + interval * 12 + 120
         while time.monotonic() < deadline:
             done = sum(1 for c in canaries.values() if c.writes and c.writes[-1][1] in (0,) and len(c.writes) > 1)
             if done == n:
@@ -629,7 +636,9 @@ def main() -> int:
     )
     exporter = Exporter().start()
     targets = Path(env["BIRDWATCH_PROM_TARGETS"])
-    (targets / "bench.json").write_text(json.dumps([{"targets": [exporter.address]}]))
+    # A file of this run's own: another bench on the same sandbox must not take this one's target away at its end.
+    target_file = targets / f"bench-{os.getpid()}.json"
+    target_file.write_text(json.dumps([{"targets": [exporter.address]}]))
     log_dir = SANDBOX / "bench"
     log_dir.mkdir(exist_ok=True)
     results = []
@@ -657,7 +666,7 @@ def main() -> int:
             print(report(result), flush=True)
     finally:
         exporter.stop()
-        (targets / "bench.json").unlink(missing_ok=True)
+        target_file.unlink(missing_ok=True)
         # What the runs left (N Deployments, their pods, BirdWatches...) goes once all are measured, in the
         # background (between runs, the namespace controller's work would load the next N's measurement); a kept
         # sandbox would otherwise grow by every run.

@@ -19,9 +19,6 @@ from birdwatch.kube import BIRDWATCHES
 from birdwatch.updates import REQUEST_ANNOTATION
 from birdwatch_sandbox import kit
 from birdwatch_sandbox.envtest.assets import REPO
-from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
-from birdwatch_sandbox.envtest.exporter import Exporter
-from birdwatch_sandbox.envtest.promserver import PrometheusServer
 from birdwatch_sandbox.kit import (
     Cluster,
     account_kubeconfig,
@@ -70,17 +67,12 @@ class Env(kit.Env):
 
 
 @pytest.fixture
-def env(
-    cluster: Cluster,
-    admin_http: KubeHTTP,
-    control_plane: ControlPlane,
-    prometheus: PrometheusServer,
-    exporter: Exporter,
-) -> Env:
-    mesh(admin_http, cluster.namespace)
-    e = Env(cluster, admin_http, control_plane, prometheus, exporter)
-    e.set_metric(0.0)
-    return e
+def env(env: kit.Env) -> Env:
+    """conftest's, with the aleph mesh applied and a healthy metric."""
+    steering = Env(**vars(env))
+    mesh(steering.admin, steering.ns)
+    steering.set_metric(0.0)
+    return steering
 
 
 async def _weight(cluster: Cluster) -> int:

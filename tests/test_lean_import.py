@@ -1,4 +1,4 @@
-"""birdwatch loads kubernetes_asyncio's configuration modules without its generated client
+"""birdwatch loads kubernetes_asyncio's configuration modules without its generated client, its ApiClient or urllib3
 (``birdwatch/kubeconfig_import.py``), and a library of a notifier or provider only when one is configured.
 
 In a fresh interpreter, because the test process imported the whole of kubernetes_asyncio long ago: the
@@ -58,8 +58,17 @@ async def main(args):
         m for m in sys.modules if m.startswith(("kubernetes_asyncio.client.models.", "kubernetes_asyncio.client.api."))
     )
     out["optional"] = sorted({m.partition(".")[0] for m in sys.modules} & {"slack_sdk", "cloudevents", "jsonpath"})
+    unused = {"aiosmtplib", "dateutil", "multiprocessing.pool", "urllib3.poolmanager"}  # in a default run
+    out["deferred"] = sorted(set(sys.modules) & unused)
+
+    # Before anything runs the client package's __init__: kube_config's ApiClient is loaded by its first call.
+    from kubernetes_asyncio.config import kube_config
+
+    api = await kube_config.new_client_from_config(args["token_file"])
+    await api.close()
 
     import kubernetes_asyncio
+    import urllib3
     from kubernetes_asyncio import client, config, watch
     from kubernetes_asyncio.client.models import V1Pod
 
@@ -73,6 +82,9 @@ async def main(args):
         client.V1Pod is V1Pod,
         watch.Watch.__name__,
         kubernetes_asyncio.__version__ == client.__version__,
+        type(api) is client.ApiClient,
+        config.kube_config.ApiClient is client.ApiClient,
+        urllib3.PoolManager.__name__,
     ]
     print(json.dumps(out))
 
@@ -149,9 +161,10 @@ def test_the_controller_loads_credentials_without_the_generated_client(
 
     assert out["generated"] == []
     assert out["optional"] == []
+    assert out["deferred"] == []
     assert out["exec"] == ["lean-exec", "lean-exec"]
     assert out["exec_refreshes"] >= 1
     assert ("lean-exec-2", True) in tokens.reviews()
     assert out["token_file"] == "lean-file"
     assert out["in_cluster"] == "lean-in-cluster"
-    assert out["whole"] == [True, True, True, "CustomObjectsApi", True, "Watch", True]
+    assert out["whole"] == [True, True, True, "CustomObjectsApi", True, "Watch", True, True, True, "PoolManager"]

@@ -22,6 +22,14 @@ that uses the whole library (the tests, the mesh simulator) gets ``client.Custom
 very ones the rest of the library uses. When kubernetes_asyncio was imported before this module, it is used as
 it is.
 
+Two more imports of those modules load what birdwatch never runs, so they wait for first use too (4 MB of RSS):
+``client/configuration.py`` does ``import urllib3`` (only for ``get_basic_auth_token``: ``urllib3.util``), so
+``urllib3`` is deferred the same way when nothing imported it yet (``urllib3.util`` and the other submodules
+import as usual; any other name runs its ``__init__``); and ``kube_config.py``'s ``ApiClient``, which it calls
+only in ``new_client_from_config*``, is a stand-in that imports ``client/api_client.py`` (python-dateutil,
+``multiprocessing.pool``) on its first call and puts the real class in its place, as the package's ``__init__``
+also does when it runs.
+
 The names re-exported here are the library's own, unchanged; what they do (exec plugin and OIDC refresh,
 token files, in-cluster token re-reads) is the library's. ``tests/test_lean_import.py`` checks, in a fresh
 interpreter, that importing birdwatch loads no generated model, that credentials load and refresh, and that the
@@ -38,7 +46,30 @@ import types
 from typing import Any
 
 _HEAVY = ("kubernetes_asyncio", "kubernetes_asyncio.client", "kubernetes_asyncio.client.models")
+_KUBE_CONFIG = "kubernetes_asyncio.config.kube_config"
 _completing = threading.RLock()
+
+
+class _ApiClientOnFirstCall:
+    """``kube_config.ApiClient`` until the real class is loaded: calling it loads it and makes the call."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        real = importlib.import_module("kubernetes_asyncio.client.api_client").ApiClient
+        _settle()
+        return real(*args, **kwargs)
+
+
+def _settle() -> None:
+    # Once the real ApiClient is loaded (by a call to the stand-in or by the client package's __init__), it is the
+    # one kube_config calls and names: the same class as everywhere else in the library.
+    api_client = sys.modules.get("kubernetes_asyncio.client.api_client")
+    kube_config = sys.modules.get(_KUBE_CONFIG)
+    if (
+        api_client is not None
+        and kube_config is not None
+        and vars(kube_config).get("ApiClient") is _ApiClientOnFirstCall
+    ):
+        setattr(kube_config, "ApiClient", api_client.ApiClient)  # noqa: B010 - a module attribute mypy cannot see
 
 
 def _defer(name: str) -> types.ModuleType:
@@ -60,6 +91,7 @@ def _defer(name: str) -> types.ModuleType:
             initialised = True
             del module.__dict__["__getattr__"]
             loader.exec_module(module)
+            _settle()
         return getattr(module, attr)
 
     module.__dict__["__getattr__"] = getattr_
@@ -73,17 +105,23 @@ def _defer(name: str) -> types.ModuleType:
 def _prepare() -> None:
     if "kubernetes_asyncio" in sys.modules:
         return
+    tops = ("kubernetes_asyncio",) if "urllib3" in sys.modules else ("kubernetes_asyncio", "urllib3")
     try:
-        for name in _HEAVY:
+        for name in (*_HEAVY, *tops[1:]):
             _defer(name)
-        # The two names config/kube_config.py takes from the client package, set as its __init__ would set them.
-        vars(sys.modules["kubernetes_asyncio.client"]).update(
-            Configuration=importlib.import_module("kubernetes_asyncio.client.configuration").Configuration,
-            ApiClient=importlib.import_module("kubernetes_asyncio.client.api_client").ApiClient,
-        )
+        # The two names config/kube_config.py takes from the client package, as its __init__ would set them (the
+        # ApiClient a stand-in, see above) until kube_config has them.
+        client = vars(sys.modules["kubernetes_asyncio.client"])
+        client["Configuration"] = importlib.import_module("kubernetes_asyncio.client.configuration").Configuration
+        client["ApiClient"] = _ApiClientOnFirstCall
+        try:
+            importlib.import_module(_KUBE_CONFIG)
+        finally:
+            # The package itself answers with the real class: asked for, it runs the package's __init__.
+            del client["ApiClient"]
     except BaseException:
         # Leave nothing half-made behind: the ordinary import is still there to be done.
-        for name in [n for n in sys.modules if n == "kubernetes_asyncio" or n.startswith("kubernetes_asyncio.")]:
+        for name in [n for n in sys.modules if n.partition(".")[0] in tops]:
             del sys.modules[name]
         raise
 

@@ -203,7 +203,7 @@ CASES: list[tuple[str, Observed, Expect]] = [
             ended=Phase.FAILED,
         ),
     ),
-    # --- fresh rollout: claim ------------------------------------------------------------------------------------
+    # --- fresh rollout: nothing written before the first step ---------------------------------------------------
     ("fresh: check the query before writing anything", obs(query_checked=False), Expect(need=Need.METRIC)),
     (
         "fresh, bad PromQL: Failed before any write",
@@ -211,40 +211,62 @@ CASES: list[tuple[str, Observed, Expect]] = [
         Expect(phase=Phase.FAILED, fields={"reason": "BadQuery"}, say=("BadQuery",), ended=Phase.FAILED),
     ),
     (
-        "fresh, Prometheus down: claim anyway (waited for before the baseline)",
-        obs(query_checked=False, reading=Reading(error="connection refused")),
-        Expect(weight=0, phase=Phase.PENDING),
+        "fresh, Prometheus down: waited for before the baseline, the VirtualService untouched",
+        obs(query_checked=False, reading=Reading(error="connection refused"), readiness=(True, "1/1")),
+        Expect(phase=Phase.PENDING, fields={"reason": "MetricUnavailable"}, message="connection refused", wake=1.0),
     ),
     (
         "fresh: the canary subset first",
         obs(traffic=traffic(canary_subset_ready=False)),
         Expect(dr=DestinationRuleChange.PREPARE, wake=0.0),
     ),
+    ("fresh: no write of its own, is the canary ready?", obs(), Expect(need=Need.READINESS)),
     (
-        "fresh: claim at 0 %",
-        obs(),
+        "fresh, not ready: Waiting in status, the VirtualService untouched",
+        obs(readiness=(False, "Deployment aleph-v04: 0/1 replicas available")),
+        Expect(phase=Phase.WAITING, fields={"reason": "CanaryNotReady", "canary_weight": 0}, wake=1.0),
+    ),
+    (
+        "fresh and paused: Paused in status, the VirtualService untouched",
+        obs(spec_changes={"paused": True}),
+        Expect(phase=Phase.PAUSED, fields={"reason": "Paused"}, say=("Paused",)),
+    ),
+    (
+        "fresh, ready: the record, the baseline and the first step in one write",
+        obs(readiness=(True, "1/1"), reading=Reading(value=0.01)),
         Expect(
-            weight=0,
-            record={"baseline": None, "step_time": None, "generation": 1, "done": False},
-            phase=Phase.PENDING,
-            fields={"reason": "Claimed"},
-            wake=0.0,
+            weight=10,
+            record={"baseline": 0.01, "step_time": at(0), "generation": 1, "done": False, "uid": "u1"},
+            phase=Phase.PROGRESSING,
+            fields={"baseline": 0.01, "canary_weight": 10, "reason": "TrafficShifted"},
+            say=("RolloutStarted", "TrafficShifted"),
+            wake=10.0,
         ),
     ),
     (
-        "fresh with traffic already: claim at its weight, nothing moves",
-        obs(traffic=traffic(20)),
-        Expect(weight=20, record={"weight": 20, "baseline": None}, phase=Phase.PENDING, wake=0.0),
+        "fresh with traffic already: the baseline at its weight, one increment up from there",
+        obs(traffic=traffic(20), readiness=(True, "1/1"), reading=Reading(value=0.0)),
+        Expect(weight=30, record={"weight": 30, "baseline": 0.0}, phase=Phase.PROGRESSING),
     ),
     (
-        "a stale claim of a BirdWatch that is gone is taken over",
-        obs(traffic=traffic(record=rec(30, uid="u0", birdwatch="old"), weight=30), other_owner=None),
-        Expect(weight=30, record={"uid": "u1"}, phase=Phase.PENDING),
+        "a stale record of a BirdWatch that is gone is taken over by the first step",
+        obs(
+            traffic=traffic(record=rec(30, uid="u0", birdwatch="old"), weight=30),
+            other_owner=None,
+            readiness=(True, "1/1"),
+            reading=Reading(value=0.0),
+        ),
+        Expect(weight=40, record={"uid": "u1", "birdwatch": "aleph"}, phase=Phase.PROGRESSING),
     ),
     (
         "our rollout of an earlier generation ended: a fresh one",
-        obs(generation=2, traffic=traffic(record=rec(0, done=True, phase="Promoted"))),
-        Expect(weight=0, record={"generation": 2}, phase=Phase.PENDING),
+        obs(
+            generation=2,
+            traffic=traffic(record=rec(0, done=True, phase="Promoted")),
+            readiness=(True, "1/1"),
+            reading=Reading(value=0.0),
+        ),
+        Expect(weight=10, record={"generation": 2, "done": False}, phase=Phase.PROGRESSING),
     ),
     # --- before the baseline -------------------------------------------------------------------------------------
     ("claimed: is the canary ready?", obs(traffic=traffic(record=rec())), Expect(need=Need.READINESS)),
@@ -388,6 +410,11 @@ CASES: list[tuple[str, Observed, Expect]] = [
         "due: read the metric",
         obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, **DUE),
         Expect(need=Need.METRIC),
+    ),
+    (
+        "the step's write was answered 3 s after it was decided: the check an interval after the traffic moved",
+        obs(traffic=traffic(20, record=STEPPED), status=PROGRESSING, landed=NOW - 1, **DUE),
+        Expect(wake=3.0),
     ),
     (
         "due and healthy: one increment up",
@@ -1015,11 +1042,13 @@ CASES: list[tuple[str, Observed, Expect]] = [
             generation=2,
             traffic=traffic(0, record=rec(0, done=True, phase="Promoted")),
             status=status(Phase.PROMOTED, request=Acknowledgement(id="promote", action="promote", result="Done")),
+            readiness=(True, "1/1"),
+            reading=Reading(value=0.0),
         ),
         Expect(
-            weight=0,
+            weight=10,
             record={"generation": 2},
-            phase=Phase.PENDING,
+            phase=Phase.PROGRESSING,
             fields={"request": Acknowledgement(id="promote", action="promote", result="Done")},
         ),
     ),
@@ -1129,8 +1158,10 @@ def test_a_whole_rollout_by_the_rules_alone() -> None:
     now = NOW
     seen = obs()
     weights: list[int] = []
+    status_writes = 0
     for _ in range(100):
         decision = decide(seen)
+        status_writes += decision.status is not None
         if decision.need is Need.READINESS:
             seen = replace(seen, readiness=(True, "1/1"))
             continue
@@ -1155,7 +1186,10 @@ def test_a_whole_rollout_by_the_rules_alone() -> None:
         seen = replace(seen, now=now, traffic=tr, status=st, readiness=None, reading=None)
     else:
         pytest.fail("the rollout never ended")
-    assert weights == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 0]
+    # No write of the start's own: one traffic write and one status write per traffic move (ten steps up, then
+    # the promotion), the two writes a step costs.
+    assert weights == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 0]
+    assert status_writes == len(weights)
     assert now - NOW == pytest.approx(100.0)  # ten steps of ten seconds after the baseline
 
 

@@ -100,6 +100,7 @@ class Canary:
         self._query_checked = False
         self._failure: Failure | None = None
         self._conflicts = 0
+        self._landed: tuple[str, float] | None = None  # (step time, when its write was answered): see Observed
         self._said: set[tuple[str, str]] = set()  # Warnings already posted while a failure lasts
         # mann-whitney: (canary, production) readings of this interval; kept in memory only, since after a
         # restart a few fresh samples are as good as the lost ones.
@@ -138,7 +139,9 @@ class Canary:
             while decision.need is not None:
                 observed = await self._gather(observed, decision.need)
                 decision = decide(observed)
-            await self._carry_out(decision, observed)
+            lag = await self._carry_out(decision, observed)
+            if lag and decision.wake is not None:
+                decision = decision.but(wake=decision.wake + lag)  # the check an interval after the traffic moved
         except Conflict as exc:
             # Someone else wrote; the router kept what is there now. Decide again from it, at once.
             self._conflicts += 1
@@ -217,6 +220,9 @@ class Canary:
             query_checked=self._query_checked,
             stopping=self._stop.is_set(),
             poll=self._ports.ready_poll,
+            landed=self._landed[1]
+            if self._landed is not None and traffic.record is not None and traffic.record.step_time == self._landed[0]
+            else None,
         )
 
     def _announce(self, record: Record | None) -> None:
@@ -300,8 +306,10 @@ class Canary:
 
     # --- acting ----------------------------------------------------------------------------------------------
 
-    async def _carry_out(self, decision: Decision, observed: Observed) -> None:
-        """The writes in order: the DestinationRule, the traffic (with its record), the status; then tell."""
+    async def _carry_out(self, decision: Decision, observed: Observed) -> float:
+        """The writes in order: the DestinationRule, the traffic (with its record), the status; then tell.
+        Returns how long after the decision a step's traffic write was answered (0.0 without a step)."""
+        lag = 0.0
         metrics = self._ports.metrics
         if decision.sample and observed.reading is not None and observed.production is not None:
             self._samples.append((observed.reading.value, observed.production.value))
@@ -320,6 +328,10 @@ class Canary:
             assert self.router is not None
             write = decision.traffic
             await self.router.write(write.weight, write.record, write.subsets)
+            if write.record.step_time and not write.record.done:
+                landed = time.time()
+                self._landed = (write.record.step_time, landed)
+                lag = max(0.0, landed - observed.now)
             self._observe_lateness(observed.traffic.record, write.record)
             self.weight = write.weight
             structlog.contextvars.bind_contextvars(weight=write.weight)
@@ -344,6 +356,7 @@ class Canary:
             if decision.ended is Phase.FAILED and decision.status is not None:
                 log.error("rollout failed", reason=decision.status.reason, detail=decision.status.message)
             log.info("rollout ended", phase=decision.ended.value, weight=weight)
+        return lag
 
     def _tell(self, say: Say) -> None:
         kind, reason, message, moment = say.type, say.reason, say.message, say.moment

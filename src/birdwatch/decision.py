@@ -17,8 +17,9 @@ Top to bottom, the rules are:
    canary has now (no traffic moves before a check).
 5. A person's request (promote, abort, retry, resume) is carried out once, or refused, before anything else.
 6. Before the baseline: the query checked (a bad one fails before anything is written), the canary subset, the
-   claim on the VirtualService, the canary Deployment available, then the baseline and the first step, in one
-   traffic write. ``spec.paused`` holds everything where it is.
+   canary Deployment available, then the baseline and the first step: the record, the baseline and the first
+   weights in one traffic write, so a rollout's start costs no writes of its own. ``spec.paused`` holds
+   everything where it is.
 7. After it: at each check (against the first value, against production's value now, or over samples of both),
    healthy steps up (or promotes at the top); unhealthy counts towards ``failure_threshold`` and then rolls back or
    freezes; weights someone else moved stop the rollout.
@@ -127,6 +128,10 @@ class Observed:
     failure: Failure | None = None
     stopping: bool = False
     poll: float = 1.0  # shortest wait between looks while waiting
+    # When the API server answered the write of the record's step, if this task made it: the traffic moved then,
+    # not when the step was decided, and a write that waited in a busy API server's queue must not shorten the
+    # interval the canary is judged over. None after a restart: the record's step time stands in.
+    landed: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,7 +227,7 @@ def decide(o: Observed) -> Decision:
             for reading in (o.reading, o.production):
                 if reading is not None and reading.rejected:
                     return _end(status, Phase.FAILED, "BadQuery", reading.error or "", weight=traffic.weight)
-        return _claim(ctx)
+        return _fresh(ctx)
     if not traffic.canary_subset_ready and not traffic.production_promoted:
         return Decision(destination_rule=DestinationRuleChange.PREPARE, wake=o.now)
     if traffic.weight != record.weight:
@@ -238,31 +243,20 @@ def decide(o: Observed) -> Decision:
 # --- before the rollout is ours --------------------------------------------------------------------------------
 
 
-def _claim(ctx: _Ctx) -> Decision:
-    """A fresh rollout (no record of this generation): the canary subset first, then the record on the
-    VirtualService at the weight the canary has now, so no traffic moves before the first check."""
+def _fresh(ctx: _Ctx) -> Decision:
+    """A fresh rollout (no record of this generation). The VirtualService is not written before the first step:
+    the record comes with it, in the same conditional write as the weights and the baseline. Until then the
+    rollout builds on the record that write will carry, at the weight the canary has now (no traffic moves before
+    the first check). Nothing is lost by not writing earlier: a restart before the first step starts over from
+    what is there (``waitingSince`` is in status), and of two BirdWatches racing for one VirtualService the
+    conditional write lets one step first; the other then finds its record (``AlreadyManaged``)."""
     o, traffic = ctx.o, ctx.o.traffic
-    assert traffic.subsets is not None
     if not traffic.canary_subset_ready:
         return Decision(destination_rule=DestinationRuleChange.PREPARE, wake=o.now)
-    weight = traffic.weight
-    record = _record(ctx, weight=weight, baseline=None, step_time=None)
-    notes: tuple[str, ...] = ("rollout claimed the VirtualService",)
-    if weight:
-        notes += (f"the canary already has {weight}% of the traffic; the rollout goes on from there",)
-    status = ctx.status.but(
-        phase=Phase.PENDING,
-        canary_weight=weight,
-        reason="Claimed",
-        message=f"VirtualService {ctx.spec.service} claimed at {weight}%; checking the metric query",
-        waiting_since=_stamp(ctx.waiting_since),
-    )
-    return Decision(
-        traffic=TrafficWrite(weight=weight, record=record, subsets=traffic.subsets),
-        status=status,
-        notes=notes,
-        wake=o.now,
-    )
+    record = _record(ctx, weight=traffic.weight)
+    if ctx.spec.paused:
+        return _paused(ctx, record, None)
+    return _before_baseline(ctx, record)
 
 
 def _spec_changed(ctx: _Ctx, record: Record) -> Decision:
@@ -482,6 +476,8 @@ def _wait(
 def _progress(ctx: _Ctx, record: Record, baseline: float) -> Decision:
     o, spec = ctx.o, ctx.spec
     step_time = parse_time(record.step_time)
+    if step_time is not None and o.landed is not None:
+        step_time = max(step_time, o.landed)
     due = (step_time if step_time is not None else o.now) + spec.interval
     # What the status should say at this point of the record (also mends a status a restart left behind).
     status = ctx.status.but(

@@ -806,6 +806,43 @@ async def test_prometheus_slow_every_query_is_bounded(fx: Faults) -> None:
     assert_steps(weights.steps("aleph"), phase="RolledBack", max_weight=50)
 
 
+async def test_a_slow_traffic_write_does_not_shorten_the_interval_judged(fx: Faults) -> None:
+    """A step's write held 3 s by a busy API server (as 1,000 rollouts starting at once do): the canary still gets
+    its whole interval at the new weight before the check that moves it on, counted from when the traffic moved,
+    not from when the step was decided."""
+    service(fx.admin, fx.ns, "aleph")
+    fx.set_metric(BASELINE)
+    moved: list[tuple[float, int]] = []  # (when this test saw it, the canary's weight)
+
+    def see(obj: Obj) -> None:
+        if obj["metadata"]["name"] == "aleph":
+            weight = route_weights(obj).get("canary", 0)
+            if not moved or moved[-1][1] != weight:
+                moved.append((time.monotonic(), weight))
+
+    traffic_writes = Scope("traffic writes", lambda call: call.method == "PATCH" and "/virtualservices/" in call.path)
+    follower = asyncio.create_task(follow_objects(fx.cluster.kube, VIRTUALSERVICES, fx.ns, see))
+    try:
+        async with fx.birdwatch():
+            fx.api.delay(3.0, scope=traffic_writes)
+            await fx.cluster.create_bw(fx.bw("aleph", interval=4, max_weight=20))
+            await eventually(lambda: _at(moved, 10), what="the first step seen")
+            fx.api.delay(0)
+            await fx.cluster.wait_phase("Promoted", timeout=60)
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+    assert fx.api.faults()["delayed"] >= 1
+    times = {weight: when for when, weight in moved}
+    # Counted from the decision, the second step would have come about 1 s after the first was seen.
+    assert times[20] - times[10] >= 3.5, moved
+
+
+async def _at(moved: list[tuple[float, int]], weight: int) -> bool:
+    return any(w == weight for _, w in moved)
+
+
 # --- Slack --------------------------------------------------------------------------------------------------------
 
 # interval 1 s up to 30 %: three steps, then promotion, about 3 s after the baseline. A rollout that waited on Slack

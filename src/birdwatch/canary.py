@@ -328,11 +328,11 @@ class Canary:
             assert self.router is not None
             write = decision.traffic
             await self.router.write(write.weight, write.record, write.subsets)
+            self._observe_lateness(observed, write.record)
             if write.record.step_time and not write.record.done:
                 landed = time.time()
                 self._landed = (write.record.step_time, landed)
                 lag = max(0.0, landed - observed.now)
-            self._observe_lateness(observed.traffic.record, write.record)
             self.weight = write.weight
             structlog.contextvars.bind_contextvars(weight=write.weight)
             metrics.canary_weight.labels(self.namespace, self.name).set(write.weight)
@@ -390,11 +390,15 @@ class Canary:
                 )
             )
 
-    def _observe_lateness(self, before: Record | None, after: Record) -> None:
-        """Seconds a step came later than its interval asked (a step is a record with a newer step time)."""
+    def _observe_lateness(self, observed: Observed, after: Record) -> None:
+        """Seconds a step came later than its interval asked: from the previous step's traffic move (its write's
+        answer, or after a restart its record's time) to this step's decision, less the interval."""
+        before = observed.traffic.record
         if self.spec is None or before is None or not after.step_time or after.step_time == before.step_time:
             return
         previous, now = parse_time(before.step_time), parse_time(after.step_time)
+        if previous is not None and observed.landed is not None:
+            previous = max(previous, observed.landed)
         if previous is not None and now is not None and after.weight > before.weight:
             self._ports.metrics.step_lateness.observe(max(0.0, now - previous - self.spec.interval))
 

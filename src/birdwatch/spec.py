@@ -69,7 +69,7 @@ class InvalidSpec(ValueError):
     """The spec cannot be carried out; the message says which field and why, for status and Events."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)  # one per canary: no __dict__ each
 class BirdWatchSpec:
     service: str
     metric: str

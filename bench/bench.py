@@ -13,7 +13,14 @@ server's own apiserver_request_total), the API server's CPU per step (its proces
 puts on the cluster) and etcd's, Prometheus queries per step, Events posted and dropped (birdwatch's own /metrics), the
 run's duration against its ideal, and how busy the machine was (load average, all cores' use and the share of it that
 was not the bench's). The last line is one JSON object; results are kept in bench/results/ (`--table RESULTS` prints
-one as the README's table).
+one as the README's table). It also gives the watches open on the VirtualServices, DestinationRules and BirdWatches
+while birdwatch steps (apiserver_longrunning_requests) and the watch events the API server sent on them per step
+(apiserver_watch_events_total and _sizes: every VirtualService write goes out once per watcher).
+
+`--apiserver-profile SECONDS` takes two CPU profiles of kube-apiserver, SECONDS long each: "start" from the first
+BirdWatch's creation (N rollouts starting at once) and "steady" from the moment every canary has made its first step;
+they land in .sandbox/bench/apiserver-N-start.pprof and -steady.pprof (`go tool pprof -top FILE`). The API server's
+pprof endpoints are off unless the sandbox was started with BIRDWATCH_SANDBOX_PROFILING=1.
 
 `make bench` runs N = 10, 100, 500 and 1000, all with `--interval 10` (as the Flagger comparison of issue 16: N/10
 steps per second, 100 at N = 1000), so that the figures of different N differ only in N. Run alone, the script's
@@ -104,6 +111,11 @@ class Result:
     others_busy_cores: float
     bench_busy_cores: float  # this process: creating the BirdWatches, its watch of the VirtualServices
     cores_by_process: dict[str, float]  # birdwatch and each of the sandbox's processes, while measured
+    # Open WATCH requests per resource (the most seen during the run, every 15 s from the first create), and the watch
+    # events sent on each resource per step (one per watcher per write) with their bytes.
+    watchers: dict[str, float] = field(default_factory=dict)
+    watch_events_per_step: dict[str, float] = field(default_factory=dict)
+    watch_kb_per_step: dict[str, float] = field(default_factory=dict)
 
 
 def objects(name: str, namespace: str) -> list[dict[str, Any]]:
@@ -196,6 +208,41 @@ def apiserver_metrics(api: KubeHTTP) -> str:
     return str(body)
 
 
+WATCHED = ("virtualservices", "destinationrules", "birdwatches")
+
+
+def by_resource(text: str, name: str, *, verb: str | None = None) -> dict[str, float]:
+    """A metric's samples summed per ``resource`` label, for the resources birdwatch works on (WATCHED)."""
+    pattern = re.compile(rf"^{name}\{{(.*)\}} ([0-9.e+]+)$")
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = pattern.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        resource = labels.get("resource", "")
+        if resource in WATCHED and (verb is None or labels.get("verb") == verb):
+            out[resource] = out.get(resource, 0.0) + float(m.group(2))
+    return out
+
+
+def take_profile(api: KubeHTTP, seconds: int, out: Path) -> str:
+    """A CPU profile of the API server, ``seconds`` long, written to ``out``; what happened, as a line."""
+    try:
+        status, body = api.fetch(f"/debug/pprof/profile?seconds={seconds}", timeout=seconds + 60)
+    except OSError as exc:
+        return f"API server profile failed: {exc}"
+    if status == 404:
+        return (
+            "API server profile: 404 (pprof is off unless the sandbox was started with BIRDWATCH_SANDBOX_PROFILING=1:"
+            " down, then up with it)"
+        )
+    if status != 200:
+        return f"API server profile: HTTP {status}: {body[:200].decode(errors='replace').strip()}"
+    out.write_bytes(body)
+    return f"API server CPU profile, {seconds} s: {out} (go tool pprof -top {out})"
+
+
 def own_metrics(port: int) -> str:
     """birdwatch's own /metrics ("" while it does not answer)."""
     try:
@@ -259,6 +306,7 @@ async def run_one(
     pids: dict[str, int],
     namespaces: list[str],
     profile: bool = False,
+    apiserver_profile: int = 0,
 ) -> Result:
     namespace = f"bench-{n}-{uuid.uuid4().hex[:5]}"
     api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
@@ -315,6 +363,45 @@ async def run_one(
     kube = await Kube.connect(kubeconfig=env["KUBECONFIG"])
     canaries = {name: Canary(name) for name in names}
     watcher = asyncio.create_task(follow(kube, namespace, canaries))
+    watchers: dict[str, float] = {}
+    side_tasks: list[asyncio.Task[None]] = []
+
+    async def count_watchers() -> None:
+        """The most WATCH requests open on each resource, from the first create until the run ends."""
+        while True:
+            text = await asyncio.to_thread(apiserver_metrics, api)
+            for resource, value in by_resource(text, "apiserver_longrunning_requests", verb="WATCH").items():
+                watchers[resource] = max(watchers.get(resource, 0.0), value)
+            await asyncio.sleep(15.0)  # each /metrics costs the API server some 20 ms
+
+    async def profile_from(phase: str, after: asyncio.Task[None] | None = None) -> None:
+        while phase == "steady":
+            if all(c.writes for c in canaries.values()):
+                break
+            await asyncio.sleep(0.2)
+        if after is not None:
+            await after  # the Go runtime takes one CPU profile at a time (a second one is a 500)
+        out = log_dir / f"apiserver-{n}-{phase}.pprof"
+        before, t0 = await asyncio.to_thread(apiserver_metrics, api), time.monotonic()
+        said = await asyncio.to_thread(take_profile, api, apiserver_profile, out)
+        t1, after_ = time.monotonic(), await asyncio.to_thread(apiserver_metrics, api)
+        # What the profile's window held, to turn its seconds into milliseconds per step or per request.
+        steps = sum(1 for c in canaries.values() for t, w in c.writes if w > 0 and t0 <= t <= t1)
+        counts0, counts1 = request_counts(before), request_counts(after_)
+        window = {
+            "seconds": round(t1 - t0, 2),
+            "steps": steps,
+            "apiserver_cpu_s": round(
+                sample_value(after_, "process_cpu_seconds_total") - sample_value(before, "process_cpu_seconds_total"), 2
+            ),
+            "requests": {
+                f"{verb} {resource}": delta
+                for (verb, resource), value in sorted(counts1.items())
+                if (delta := round(value - counts0.get((verb, resource), 0.0))) > 0
+            },
+        }
+        out.with_suffix(".json").write_text(json.dumps(window, indent=2) + "\n")
+        print(f"  {phase}: {said}; {steps} steps in its {window['seconds']} s", flush=True)
 
     def own() -> dict[str, float]:
         text = own_metrics(health)
@@ -334,12 +421,18 @@ async def run_one(
         metrics0 = apiserver_metrics(api)
         cpu0, req0, q0 = proc_cpu_seconds(proc.pid), request_counts(metrics0), prometheus_queries(env["PROMETHEUS_URL"])
         api_cpu0, etcd0 = sample_value(metrics0, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
+        events0 = by_resource(metrics0, "apiserver_watch_events_total")
+        bytes0 = by_resource(metrics0, "apiserver_watch_events_sizes_sum")
         own0, machine0, ours0, from_ = own(), machine_cpu_seconds(), ours(), time.monotonic()
         self0 = sum(os.times()[:2])
         by_process0 = {"birdwatch": pid_cpu_seconds(proc.pid)} | {k: pid_cpu_seconds(p) for k, p in pids.items()}
         good_metric = "vector(0)"
         bad_metric = f'max(bench_errors{{ns="{namespace}"}})'
         started = time.monotonic()
+        side_tasks.append(asyncio.create_task(count_watchers()))
+        if apiserver_profile:
+            first = asyncio.create_task(profile_from("start"))
+            side_tasks.extend([first, asyncio.create_task(profile_from("steady", after=first))])
 
         async def create(name: str) -> None:
             spec = {
@@ -399,6 +492,8 @@ async def run_one(
         metrics1 = apiserver_metrics(api)
         cpu1, req1, q1 = proc_cpu_seconds(proc.pid), request_counts(metrics1), prometheus_queries(env["PROMETHEUS_URL"])
         api_cpu1, etcd1 = sample_value(metrics1, "process_cpu_seconds_total"), pid_cpu_seconds(pids.get("etcd"))
+        events1 = by_resource(metrics1, "apiserver_watch_events_total")
+        bytes1 = by_resource(metrics1, "apiserver_watch_events_sizes_sum")
         machine1, ours1, until = machine_cpu_seconds(), ours(), time.monotonic()
         self1 = sum(os.times()[:2])
         by_process1 = {"birdwatch": pid_cpu_seconds(proc.pid)} | {k: pid_cpu_seconds(p) for k, p in pids.items()}
@@ -407,6 +502,8 @@ async def run_one(
         statuses = (await kube.list(BIRDWATCHES, namespace))[0]
     finally:
         watcher.cancel()
+        for task in side_tasks:
+            task.cancel()  # a profile being fetched finishes in its thread; its file is not written
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(15)
@@ -498,6 +595,13 @@ async def run_one(
         others_busy_cores=round(max(0.0, (machine1[0] - machine0[0]) - (ours1 - ours0)) / (until - from_), 2),
         bench_busy_cores=round((self1 - self0) / (until - from_), 3),
         cores_by_process={k: round((by_process1[k] - v) / (until - from_), 3) for k, v in by_process0.items()},
+        watchers=dict(sorted(watchers.items())),
+        watch_events_per_step={
+            k: round((v - events0.get(k, 0.0)) / max(steps, 1), 3) for k, v in sorted(events1.items())
+        },
+        watch_kb_per_step={
+            k: round((v - bytes0.get(k, 0.0)) / max(steps, 1) / 1024, 3) for k, v in sorted(bytes1.items())
+        },
     )
 
 
@@ -571,6 +675,9 @@ def report(r: Result) -> str:
             f"{r.machine_busy_cores} cores busy, {r.others_busy_cores} of them not the bench's (the bench itself "
             f"{r.bench_busy_cores})",
             "  cores by process           " + ", ".join(f"{k} {v}" for k, v in r.cores_by_process.items()),
+            "  watches open               " + ", ".join(f"{k} {v:g}" for k, v in r.watchers.items()),
+            "  watch events per step      "
+            + ", ".join(f"{k} {v} ({r.watch_kb_per_step.get(k, 0.0)} kB)" for k, v in r.watch_events_per_step.items()),
         ]
     )
 
@@ -613,6 +720,14 @@ def main() -> int:
         "--profile",
         action="store_true",
         help="run birdwatch under cProfile (slower); the profile lands in .sandbox/bench/",
+    )
+    parser.add_argument(
+        "--apiserver-profile",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="take two CPU profiles of kube-apiserver, SECONDS each, at the start and in steady state (needs a "
+        "sandbox started with BIRDWATCH_SANDBOX_PROFILING=1); they land in .sandbox/bench/",
     )
     parser.add_argument("--bad", type=float, default=0.1, help="share of canaries that turn unhealthy (default 0.1)")
     parser.add_argument(
@@ -660,6 +775,7 @@ def main() -> int:
                     pids=pids,
                     namespaces=namespaces,
                     profile=args.profile,
+                    apiserver_profile=args.apiserver_profile,
                 )
             )
             results.append(result)

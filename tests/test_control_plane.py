@@ -4,6 +4,7 @@ controller-manager, scheduler and kwok nodes do what a cluster does with Deploym
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,14 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from birdwatch.workload import deployment_available
-from birdwatch_sandbox.envtest.controlplane import KubeHTTP, Server
+from birdwatch_sandbox.envtest.controlplane import (
+    PROFILING_ENV,
+    SERVICE_CLUSTER_IP_RANGE,
+    ControlPlane,
+    KubeHTTP,
+    Server,
+    profiling_wanted,
+)
 from birdwatch_sandbox.envtest.exporter import Exporter
 from birdwatch_sandbox.envtest.promserver import PrometheusServer
 from birdwatch_sandbox.envtest.workloads import CRASH, CRASH_AFTER, NEVER_READY, NODE_NAMES, POD_BEHAVIOUR, Workloads
@@ -292,3 +300,35 @@ def test_a_component_that_exits_while_starting_is_started_once_more(admin_http: 
         assert flaky.log.read_text().splitlines() == ["first", "second run"]
     finally:
         flaky.stop()
+
+
+def service(name: str, cluster_ip: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}
+    if cluster_ip:
+        spec["clusterIP"] = cluster_ip
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}
+
+
+def test_the_service_range_is_wide_enough_for_a_service_per_canary(admin_http: KubeHTTP, namespace: str) -> None:
+    """A /16: the 1,000 canaries of the largest bench could each have a Service (a /24 held 254)."""
+    network = ipaddress.ip_network(SERVICE_CLUSTER_IP_RANGE)
+    assert network.num_addresses >= 2**16
+    # An address beyond what the old 10.0.0.0/24 held, and one the allocator picks.
+    apply_all(admin_http, namespace, [service("aleph", cluster_ip="10.0.200.7"), service("beth")])
+    path = f"/api/v1/namespaces/{namespace}/services"
+    assert get(admin_http, f"{path}/aleph")["spec"]["clusterIP"] == "10.0.200.7"
+    assert ipaddress.ip_address(get(admin_http, f"{path}/beth")["spec"]["clusterIP"]) in network
+    # The "kubernetes" Service has the range's first address, which the serving certificate names.
+    kubernetes = get(admin_http, "/api/v1/namespaces/default/services/kubernetes")
+    assert kubernetes["spec"]["clusterIP"] == str(next(network.hosts()))
+
+
+def test_the_api_servers_profiling_is_on_only_when_asked(control_plane: ControlPlane, admin_http: KubeHTTP) -> None:
+    status, _ = admin_http.fetch("/debug/pprof/")
+    assert status == (200 if control_plane.profiling else 404)
+
+
+@pytest.mark.parametrize(("value", "wanted"), [("1", True), ("true", True), ("", False), ("0", False)])
+def test_profiling_is_asked_for_by_environment(monkeypatch: pytest.MonkeyPatch, value: str, wanted: bool) -> None:
+    monkeypatch.setenv(PROFILING_ENV, value)
+    assert profiling_wanted() is wanted

@@ -31,6 +31,17 @@ from .workloads import start_workloads
 
 ISTIO_CRDS = ("virtualservices.networking.istio.io", "destinationrules.networking.istio.io")
 BIRDWATCH_CRD = REPO / "deploy" / "crd" / "crd.yaml"
+# A /16: 65,534 ClusterIPs, room for a Service per canary in the largest runs (a /24 held 254). Its first address,
+# 10.0.0.1, is the "kubernetes" Service's and is in the serving certificate (pki.py).
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/16"
+# BIRDWATCH_SANDBOX_PROFILING=1 when the control plane starts turns on the API server's pprof endpoints
+# (/debug/pprof/..., on the secure port, for an authorised client such as the admin certificate): what its CPU goes
+# to. Off by default, as in envtest.
+PROFILING_ENV = "BIRDWATCH_SANDBOX_PROFILING"
+
+
+def profiling_wanted() -> bool:
+    return os.environ.get(PROFILING_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def free_port() -> int:
@@ -165,6 +176,16 @@ class KubeHTTP:
         except ValueError:
             return resp.status, raw.decode(errors="replace")
 
+    def fetch(self, path: str, *, timeout: float = 30) -> tuple[int, bytes]:
+        """GET ``path`` as bytes (a pprof profile, say: ``/debug/pprof/profile?seconds=30`` takes that long)."""
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self._ctx, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create ``obj``, or replace it when it exists (server-side apply would need a field manager)."""
         path = resource_path(obj)
@@ -249,6 +270,7 @@ class ControlPlane:
     etcd_peer_port: int = 0
     api_port: int = 0
     workloads: bool = True
+    profiling: bool = field(default_factory=profiling_wanted)  # the API server's /debug/pprof endpoints
     servers: list[Server] = field(default_factory=list)
     ca: Path = field(init=False)
     admin: Pair = field(init=False)
@@ -314,7 +336,7 @@ class ControlPlane:
                 f"--secure-port={self.api_port}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--allow-privileged=true",
                 "--disable-admission-plugins=ServiceAccount",
                 "--authorization-mode=RBAC",
@@ -323,7 +345,7 @@ class ControlPlane:
                 f"--service-account-signing-key-file={sa.key}",
                 # The "kubernetes" Service's endpoints cannot be a loopback address; nothing here needs them.
                 "--endpoint-reconciler-type=none",
-                "--profiling=false",
+                f"--profiling={'true' if self.profiling else 'false'}",
                 "--v=0",
                 *(self.tokens.apiserver_flags() if self.tokens else ()),
             ],

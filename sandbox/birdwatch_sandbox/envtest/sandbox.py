@@ -7,6 +7,8 @@ returns. A second ``up`` reuses what is running. ``down`` stops every process ``
 whether it is up.
 
 Prometheus scrapes every ``*.json`` file-SD target list dropped into ``$BIRDWATCH_PROM_TARGETS``.
+``BIRDWATCH_SANDBOX_PROFILING=1`` at ``up`` turns on kube-apiserver's pprof endpoints (``bench.py --apiserver-profile``
+fetches CPU profiles from them); a running sandbox keeps what it was started with, so ``down`` first.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def up() -> int:
                 "admin_cert": str(plane.admin.cert),
                 "admin_key": str(plane.admin.key),
                 "prometheus_url": prometheus.url,
+                "profiling": plane.profiling,
             },
             indent=2,
         )

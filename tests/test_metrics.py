@@ -1,6 +1,7 @@
 """The per-canary series (kept in a record per canary, not in prometheus_client Gauges) are exposed exactly as the
 Gauges they replaced exposed them: the same families, help, labels, values and order, and forgetting a BirdWatch
-takes all of its series away."""
+takes all of its series away. ``exposition()`` writes them itself: it is what prometheus_client writes for the
+whole registry, byte for byte."""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def test_the_per_canary_series_read_as_the_gauges_did() -> None:
     value.labels("team-b", 'q"uo\\te\n').set(math.inf)
     set_phase("team-a", "aleph", Phase.PROMOTED)
     assert canary_part(metrics) == generate_latest(registry)
+    assert metrics.exposition() == generate_latest(metrics.registry)
     sample = metrics.registry.get_sample_value
     assert sample("birdwatch_canary_phase", {"namespace": "team-a", "birdwatch": "aleph", "phase": "Promoted"}) == 1
     assert sample("birdwatch_canary_phase", {"namespace": "team-a", "birdwatch": "aleph", "phase": "Pending"}) == 0
@@ -79,3 +81,4 @@ def test_forgetting_a_birdwatch_takes_all_of_its_series() -> None:
     # A BirdWatch of the same name made again starts with no series but those it sets.
     metrics.canary_weight.labels("ns", "aleph").set(0)
     assert metrics.exposition().count(b'birdwatch="aleph"') == 1
+    assert metrics.exposition() == generate_latest(metrics.registry)

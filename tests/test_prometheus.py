@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -31,6 +32,8 @@ from birdwatch.prometheus import (
     QueryError,
     Unavailable,
 )
+from birdwatch.providers.config import ProviderSpec
+from birdwatch.providers.prometheus import PrometheusProvider
 from birdwatch_sandbox.envtest.assets import Assets
 from birdwatch_sandbox.envtest.controlplane import Server, free_port, wait_until
 from birdwatch_sandbox.envtest.exporter import Exporter
@@ -307,6 +310,41 @@ async def test_a_stalled_prometheus_is_given_up_on_in_time(
     assert elapsed <= max(budget, per_attempt) + per_attempt + SLACK
     assert raised.value.retryable
     assert f"did not answer within {per_attempt:.3g} s" in raised.value.message
+
+
+async def test_the_query_goes_as_the_form_aiohttp_would_make_of_it(fake: FakePrometheus) -> None:
+    # The form body is encoded once per expression (not by aiohttp on every query): the same bytes, the same type.
+    seen: list[tuple[str, bytes, str]] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append((request.content_type, await request.read(), (await request.post())["query"]))
+        return _scalar("1")
+
+    fake.behaviour = record
+    promql = 'sum(rate(x{a="b", c=~"5.."}[30s])) / 2 + vector(0) # é&=?'
+    async with PrometheusClient(PrometheusConfig(fake.url)) as client:
+        assert await client.query(promql) == 1.0
+        assert await client.query(promql) == 1.0
+    expected = aiohttp.FormData({"query": promql})()
+    assert seen == [("application/x-www-form-urlencoded", expected.decode().encode(), promql)] * 2
+    assert expected.content_type == "application/x-www-form-urlencoded"
+
+
+async def test_a_content_type_the_provider_sets_is_kept(fake: FakePrometheus) -> None:
+    types: list[str] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        types.append(request.headers["Content-Type"])
+        return _scalar("1")
+
+    fake.behaviour = record
+    spec = ProviderSpec(name="p", type="prometheus", address=fake.url, headers={"content-type": "text/x-mine"})
+    provider = PrometheusProvider(spec)
+    try:
+        assert await provider.query("42") == 1.0
+    finally:
+        await provider.close()
+    assert types == ["text/x-mine"]
 
 
 async def test_cancelling_a_waiting_query_cancels(fake: FakePrometheus) -> None:

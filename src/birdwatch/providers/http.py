@@ -162,7 +162,7 @@ class HttpProvider:
         *,
         bound: float,
         params: Mapping[str, str] | None = None,
-        data: Mapping[str, str] | str | None = None,
+        data: Mapping[str, str] | str | bytes | None = None,
         json: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> Answer:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 from .config import ProviderSpec
 from .errors import AmbiguousResult, BadQuery, QueryError, Unavailable
@@ -22,6 +23,7 @@ __all__ = ["OPTIONS", "PrometheusProvider", "build", "interpret", "one_number"]
 
 OPTIONS: frozenset[str] = frozenset()
 _MAX_LABEL_SETS_SHOWN = 3
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}  # what aiohttp sends with a form given as a dict
 
 
 class PrometheusProvider(HttpProvider):
@@ -30,8 +32,17 @@ class PrometheusProvider(HttpProvider):
     _credential_noun: ClassVar[str] = "bearer token"
 
     async def _attempt(self, expression: str, bound: float) -> float | None:
-        # POST, form-encoded: a query too long for a URL still fits in a body.
-        answer = await self._request("POST", f"{self._base}/api/v1/query", bound=bound, data={"query": expression})
+        # POST, form-encoded: a query too long for a URL still fits in a body. Encoded here, to the bytes aiohttp
+        # would make of {"query": expression}: given a dict, aiohttp first fails a payload look-up (an exception),
+        # then builds a FormData to encode it, 32 us a query where this is 8.
+        own_type = any(h.lower() == "content-type" for h in (*self._spec.headers, *self._spec.header_files))
+        answer = await self._request(
+            "POST",
+            f"{self._base}/api/v1/query",
+            bound=bound,
+            data=urlencode({"query": expression}).encode(),
+            headers=None if own_type else _FORM,
+        )
         return interpret(
             base=self._base,
             status=answer.status,

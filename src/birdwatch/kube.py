@@ -547,9 +547,8 @@ class Kube:
         ``wanted`` looks at each event's raw line first: an event it declines is not decoded (bookmarks and
         errors always are, so the resourceVersion still advances and failures still raise).
 
-        A stream silent for ``read_timeout`` seconds (up to a quarter more, see ``_Silence``), or an answer whose
-        head takes that long, raises ``KubeError`` (bookmarks arrive about once a minute, so silence means a dead
-        connection). An ERROR event becomes ``Gone`` (410) or ``KubeError``.
+        A stream silent for ``read_timeout`` seconds raises ``KubeError`` (bookmarks arrive about once a minute,
+        so silence means a dead connection). An ERROR event becomes ``Gone`` (410) or ``KubeError``.
 
         With ``label_selector`` the server sends only matching objects: one that stops matching (relabelled) comes
         as DELETED, with its content from before, one that starts to as ADDED.
@@ -562,81 +561,40 @@ class Kube:
         }
         if label_selector:
             params["labelSelector"] = label_selector
-        # No sock_read: it cancels a timer and schedules a new one for every chunk received, about 7 of the ~200 us
-        # of CPU a watch event costs. The answer's head is bounded below, and the stream's silence by _Silence.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=read_timeout)
         path = resource.path(namespace)
         url = URL(self._host + path + "?" + urlencode(params), encoded=True)
         try:
             for attempt in (0, 1):
                 headers, sent = await self._headers(None)
-                async with asyncio.timeout(read_timeout):
-                    resp = await self._session.get(
-                        url,
-                        headers=headers,
-                        timeout=timeout,
-                        proxy=self._proxy,
-                        proxy_headers=self._proxy_headers,
-                        server_hostname=self._server_hostname,
-                    )
-                async with resp:
-                    if resp.status >= 400:
-                        async with asyncio.timeout(read_timeout):
-                            body = await resp.read()
-                        if resp.status == 401 and attempt == 0 and await self.credentials.after_unauthorized(sent):
+                async with self._session.get(
+                    url,
+                    headers=headers,
+                    timeout=timeout,
+                    proxy=self._proxy,
+                    proxy_headers=self._proxy_headers,
+                    server_hostname=self._server_hostname,
+                ) as resp:
+                    if resp.status == 401 and attempt == 0:
+                        await resp.read()
+                        if await self.credentials.after_unauthorized(sent):
                             continue
-                        raise _error(resp.status, body, method="GET", path=path)
-                    silence = _Silence(resp.content, read_timeout)
-                    try:
-                        async for line in resp.content:
-                            if not line.strip():
-                                continue
-                            if wanted is not None and not (b'"BOOKMARK"' in line or b'"ERROR"' in line or wanted(line)):
-                                continue
-                            event = json.loads(line)
-                            kind, obj = event.get("type", ""), event.get("object") or {}
-                            if kind == "ERROR":
-                                status = int(obj.get("code") or 500)
-                                raise _error(status, json.dumps(obj).encode(), method="GET", path=path)
-                            yield WatchEvent(kind, _without_managed_fields(obj))
-                    finally:
-                        silence.close()
+                    if resp.status >= 400:
+                        raise _error(resp.status, await resp.read(), method="GET", path=path)
+                    async for line in resp.content:
+                        if not line.strip():
+                            continue
+                        if wanted is not None and not (b'"BOOKMARK"' in line or b'"ERROR"' in line or wanted(line)):
+                            continue
+                        event = json.loads(line)
+                        kind, obj = event.get("type", ""), event.get("object") or {}
+                        if kind == "ERROR":
+                            status = int(obj.get("code") or 500)
+                            raise _error(status, json.dumps(obj).encode(), method="GET", path=path)
+                        yield WatchEvent(kind, _without_managed_fields(obj))
                     return
         except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
             raise KubeError(0, "WatchBroken", f"{type(exc).__name__}: {exc}", method="GET", path=path) from exc
-
-
-_LOOKS = 4  # how many times per read timeout _Silence looks at a stream
-
-
-class _Silence:
-    """Ends a stream that received nothing for ``limit`` seconds, as aiohttp's ``sock_read`` does, but by looking
-    at how many bytes came in ``_LOOKS`` times per ``limit`` instead of re-arming a timer on every read. A silent
-    stream is ended after between ``limit`` and ``limit * (1 + 1 / _LOOKS)`` seconds; what it received counts
-    whether or not it was read yet, so a slow reader is not taken for a dead connection."""
-
-    def __init__(self, stream: aiohttp.StreamReader, limit: float) -> None:
-        self._stream = stream
-        self._limit = limit
-        self._loop = asyncio.get_running_loop()
-        self._seen = stream.total_bytes
-        self._since = self._loop.time()
-        self._handle = self._loop.call_later(limit / _LOOKS, self._look)
-
-    def _look(self) -> None:
-        if self._stream.is_eof():
-            return  # all of it came: what is left is the reader's to read, however slowly
-        now = self._loop.time()
-        if self._stream.total_bytes != self._seen:
-            self._seen, self._since = self._stream.total_bytes, now
-        elif now - self._since >= self._limit:
-            # What sock_read raises; the stream is not read to its end, so leaving it closes the connection.
-            self._stream.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
-            return
-        self._handle = self._loop.call_later(self._limit / _LOOKS, self._look)
-
-    def close(self) -> None:
-        self._handle.cancel()
 
 
 # --- loading a kubeconfig -----------------------------------------------------------------------------------------

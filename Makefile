@@ -53,7 +53,7 @@ release: install ## dist/install.yaml: CRD and controller in one file (IMAGE=ghc
 clean: sandbox-down ## stop the sandbox and remove local state (keeps .venv/ and the binary cache)
 	rm -rf .sandbox .test-logs .demo build dist src/*.egg-info sandbox/*.egg-info sandbox/build
 
-bench: install assets ## the benchmark: 10, 100, 500 and 1000 concurrent canaries, interval 10 s, on the sandbox (~11 min; results in bench/results/)
+bench: install assets ## the benchmark: 10, 100, 500 and 1000 concurrent canaries, interval 10 s, on the sandbox (~9 min; results in bench/results/)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 soak: install assets ## 50 canaries through faults and leader kills for ~10 minutes: wrong endings, failover (CI runs it)

@@ -1,7 +1,6 @@
 """The per-canary series (kept in a record per canary, not in prometheus_client Gauges) are exposed exactly as the
 Gauges they replaced exposed them: the same families, help, labels, values and order, and forgetting a BirdWatch
-takes all of its series away. ``exposition()`` writes them itself: it is what prometheus_client writes for the
-whole registry, byte for byte."""
+takes all of its series away. ``exposition()`` is prometheus_client's own text format of the whole registry."""
 
 from __future__ import annotations
 

@@ -6,31 +6,21 @@ lines, so one name finds a canary in both. Callers pass the values positionally:
 The per-canary gauges are not prometheus_client ``Gauge`` children: a child is an object with a lock and a value
 holder of its own, and a canary has eleven series (its weight, value, baseline and one per phase), about 7 kB a
 canary, 7 MB of RSS at 1,000 canaries. Their values live in one small record per canary instead (``_Canary``),
-read by a collector when ``/metrics`` is scraped; the exposition is the same series with the same values. The
-collector is in ``registry`` like the other metrics, but ``exposition()`` writes its lines straight from the
-records: through prometheus_client, every scrape of 1,000 canaries would build 11,000 samples with a label dict
-each, 5 MB for a moment, and the process's peak RSS counts such moments.
+read by a collector when ``/metrics`` is scraped; the exposition is the same series with the same values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from .spec import Phase
 
 CANARY_LABELS = ("namespace", "birdwatch")
 _PHASES = tuple(Phase)
-# (name, help) of the per-canary families, in the order they were registered when they were Gauges.
-_WEIGHT = ("birdwatch_canary_weight", "Canary traffic weight in percent")
-_PHASE = ("birdwatch_canary_phase", "1 for the phase a canary is in, 0 for the others")
-_VALUE = ("birdwatch_metric_value", "Last value of the canary's health metric")
-_BASELINE = ("birdwatch_baseline_value", "Baseline of the canary's health metric")
-_number: Callable[[float], str] = floatToGoString  # a value as the text format writes it (the library's own)
 
 
 class _Canary:
@@ -94,110 +84,75 @@ class _CanaryCollector(Collector):
                 baseline.add_metric(key, c.baseline)
         return iter(families)
 
-    def text(self) -> bytearray:
-        """What ``generate_latest`` makes of ``collect()`` (the text format: labels sorted by name, values as Go
-        prints them), written line by line into one buffer."""
-        canaries = tuple(self._canaries.items())
-        labels = {key: f'birdwatch="{_escape(key[1])}",namespace="{_escape(key[0])}"' for key, _ in canaries}
-        out = bytearray()
-        for (name, doc), field in ((_WEIGHT, "weight"), (_PHASE, "phase"), (_VALUE, "value"), (_BASELINE, "baseline")):
-            out += f"# HELP {name} {doc}\n# TYPE {name} gauge\n".encode()
-            for key, c in canaries:
-                now = getattr(c, field)
-                if now is None:
-                    continue
-                if field == "phase":
-                    for p in _PHASES:
-                        out += f'{name}{{{labels[key]},phase="{p.value}"}} {"1.0" if p is now else "0.0"}\n'.encode()
-                else:
-                    out += f"{name}{{{labels[key]}}} {_number(now)}\n".encode()
-        return out
-
-
-def _escape(label_value: str) -> str:
-    return label_value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
 
 def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    # In the order they were registered when they were Gauges, so /metrics reads as it did.
     return (
-        GaugeMetricFamily(*_WEIGHT, labels=CANARY_LABELS),
-        GaugeMetricFamily(*_PHASE, labels=(*CANARY_LABELS, "phase")),
-        GaugeMetricFamily(*_VALUE, labels=CANARY_LABELS),
-        GaugeMetricFamily(*_BASELINE, labels=CANARY_LABELS),
+        GaugeMetricFamily("birdwatch_canary_weight", "Canary traffic weight in percent", labels=CANARY_LABELS),
+        GaugeMetricFamily(
+            "birdwatch_canary_phase",
+            "1 for the phase a canary is in, 0 for the others",
+            labels=(*CANARY_LABELS, "phase"),
+        ),
+        GaugeMetricFamily("birdwatch_metric_value", "Last value of the canary's health metric", labels=CANARY_LABELS),
+        GaugeMetricFamily("birdwatch_baseline_value", "Baseline of the canary's health metric", labels=CANARY_LABELS),
     )
-
-
-class _Others(Collector):
-    """The metrics that are not per canary, in ``registry`` after the per-canary ones."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._registry.collect())
-
-    def describe(self) -> Iterator[Metric]:
-        return self.collect()
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)  # all of them: scrapes, get_sample_value
+        self.registry = CollectorRegistry(auto_describe=True)
         self._canaries: dict[tuple[str, str], _Canary] = {}
-        self._canary = _CanaryCollector(self._canaries)
-        self.registry.register(self._canary)
-        self._others = CollectorRegistry(auto_describe=True)
+        self.registry.register(_CanaryCollector(self._canaries))
         self.canary_weight = CanaryGauge(self._canaries, "weight")
         self.metric_value = CanaryGauge(self._canaries, "value")
         self.baseline_value = CanaryGauge(self._canaries, "baseline")
         self.rollouts = Counter(
-            "birdwatch_rollouts", "Rollouts ended, by result (phase)", ("result",), registry=self._others
+            "birdwatch_rollouts", "Rollouts ended, by result (phase)", ("result",), registry=self.registry
         )
         self.prometheus_errors = Counter(
-            "birdwatch_prometheus_errors", "Failed Prometheus queries (each attempt)", registry=self._others
+            "birdwatch_prometheus_errors", "Failed Prometheus queries (each attempt)", registry=self.registry
         )
         self.provider_queries = Counter(
             "birdwatch_provider_queries",
             "Metric queries by provider and result: value, no_data, rejected, unavailable, error "
             "(one per check, however many attempts it took)",
             ("provider", "result"),
-            registry=self._others,
+            registry=self.registry,
         )
         self.provider_query_duration = Histogram(
             "birdwatch_provider_query_duration_seconds",
             "How long a metric query took, retries within its budget included",
             ("provider",),
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-            registry=self._others,
+            registry=self.registry,
         )
         self.step_lateness = Histogram(
             "birdwatch_step_lateness_seconds",
             "How late a traffic step was against its interval",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-            registry=self._others,
+            registry=self.registry,
         )
-        self.leader = Gauge("birdwatch_leader", "1 while this replica leads", registry=self._others)
-        self.canaries = Gauge("birdwatch_canaries", "Canary tasks running", registry=self._others)
+        self.leader = Gauge("birdwatch_leader", "1 while this replica leads", registry=self.registry)
+        self.canaries = Gauge("birdwatch_canaries", "Canary tasks running", registry=self.registry)
         self.tasks = Gauge(
-            "birdwatch_asyncio_tasks", "asyncio tasks alive in the process (leaks show here)", registry=self._others
+            "birdwatch_asyncio_tasks", "asyncio tasks alive in the process (leaks show here)", registry=self.registry
         )
         self.events_dropped = Counter(
-            "birdwatch_events_dropped", "Kubernetes Events dropped: queue full or refused", registry=self._others
+            "birdwatch_events_dropped", "Kubernetes Events dropped: queue full or refused", registry=self.registry
         )
         self.events_posted = Counter(
             "birdwatch_events_posted",
             "Kubernetes Events posted: each create, and each update of a repeat's count",
-            registry=self._others,
+            registry=self.registry,
         )
         self.notifications = Counter(
             "birdwatch_notifications",
             "Notifications by notifier and result: sent, retried (each retry), failed (given up), dropped (queue "
             "full), unsent (still queued at shutdown)",
             ("notifier", "result"),
-            registry=self._others,
+            registry=self.registry,
         )
-        # Last, once the others exist: registering takes their names (a name used twice is refused).
-        self.registry.register(_Others(self._others))
 
     def provider_query(self, provider: str, result: str, seconds: float) -> None:
         self.provider_queries.labels(provider, result).inc()
@@ -219,7 +174,4 @@ class Metrics:
         self._canaries.pop((namespace, name), None)
 
     def exposition(self) -> bytes:
-        """``generate_latest(self.registry)``, the per-canary lines written straight from their records."""
-        out = self._canary.text()
-        out += generate_latest(self._others)
-        return bytes(out)
+        return generate_latest(self.registry)

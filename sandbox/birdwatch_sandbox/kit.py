@@ -256,8 +256,10 @@ class Cluster:
 
     @contextlib.asynccontextmanager
     async def recording(self, name: str = "aleph", route: str = "primary") -> AsyncIterator[list[dict[str, int]]]:
-        """Record every distinct weight split the VirtualService goes through, from its own watch."""
+        """Record every distinct weight split the VirtualService goes through, from its own watch; it yields once
+        the first LIST is in, so the split before anything the test does next is the first one recorded."""
         history: list[dict[str, int]] = []
+        listed = asyncio.Event()
 
         def see(obj: Obj) -> None:
             if obj["metadata"].get("name") != name:
@@ -266,8 +268,9 @@ class Cluster:
             if not history or history[-1] != split:
                 history.append(split)
 
-        task = asyncio.create_task(follow_objects(self.kube, VIRTUALSERVICES, self.namespace, see))
+        task = asyncio.create_task(follow_objects(self.kube, VIRTUALSERVICES, self.namespace, see, listed=listed))
         try:
+            await listed.wait()
             yield history
         finally:
             task.cancel()

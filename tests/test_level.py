@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from birdwatch.kube import VIRTUALSERVICES
+from birdwatch.router import RECORD_ANNOTATION, Record
 from birdwatch_sandbox.envtest.assets import REPO, Assets
 from birdwatch_sandbox.envtest.controlplane import ControlPlane, KubeHTTP
 from birdwatch_sandbox.envtest.exporter import Exporter
@@ -137,6 +140,40 @@ async def test_bad_promql_fails_at_once_while_the_canary_is_not_ready(
     assert "parse error" in status["message"]
     vs = await cluster.vs()
     assert vs["metadata"]["resourceVersion"] == vs_before["metadata"]["resourceVersion"]  # nothing was written
+
+
+def _birdwatch_gets(admin: KubeHTTP) -> float:
+    """GETs of single BirdWatches the API server has answered (birdwatch otherwise only lists and watches them)."""
+    status, text = admin.fetch("/metrics")
+    assert status == 200
+    found = re.findall(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$", text.decode(), re.MULTILINE)
+    return sum(float(n) for labels, n in found if 'resource="birdwatches"' in labels and 'verb="GET"' in labels)
+
+
+async def test_a_stale_record_is_asked_about_once_however_long_the_canary_waits(
+    cluster: Cluster, admin_http: KubeHTTP, plane: ControlPlane, prometheus: PrometheusServer, exporter: Exporter
+) -> None:
+    """The VirtualService carries the unfinished record of a BirdWatch since deleted. A fresh rollout writes nothing
+    until its first step, so while its canary is not ready the record stays there round after round: birdwatch asks
+    the API server about that owner once, not at every look."""
+    ns = cluster.namespace
+    exporter.set_gauge("bwtest_errors", 0.0, ns=ns)
+    prometheus.wait_for_value(metric(ns), 0.0)
+    mesh(admin_http, ns, ready=False)
+    stale = Record(birdwatch="gone", uid="uid-of-gone", generation=1, canary="v04", weight=0)
+    await cluster.kube.merge_patch(
+        VIRTUALSERVICES, ns, "aleph", {"metadata": {"annotations": {RECORD_ANNOTATION: stale.to_json()}}}
+    )
+    async with run(plane, prometheus, [ns]):
+        await cluster.create_bw(birdwatch("aleph", metric=metric(ns)))
+        await cluster.wait_phase("Waiting", timeout=15)  # by now the owner was asked about (the test's GETs too)
+        before = _birdwatch_gets(admin_http)
+        await asyncio.sleep(5)  # five more looks at 1 s
+        asked_again = _birdwatch_gets(admin_http) - before
+        status = await cluster.status()
+    assert status["reason"] == "CanaryNotReady", status
+    assert asked_again == 0, asked_again
+    assert Record.parse(await cluster.vs()) == stale  # nothing written before the first step
 
 
 # --- API errors reach the user ---------------------------------------------------------------------------------

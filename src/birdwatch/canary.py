@@ -101,6 +101,7 @@ class Canary:
         self._failure: Failure | None = None
         self._conflicts = 0
         self._landed: tuple[str, float] | None = None  # (step time, when its write was answered): see Observed
+        self._gone_owner: str | None = None  # uid of a record's owner the API server said is gone
         self._said: set[tuple[str, str]] = set()  # Warnings already posted while a failure lasts
         # mann-whitney: (canary, production) readings of this interval; kept in memory only, since after a
         # restart a few fresh samples are as good as the lost ones.
@@ -238,16 +239,22 @@ class Canary:
 
     async def _unknown_owner(self, record: Record | None) -> Obj | None:
         """Another BirdWatch's unfinished rollout holds the VirtualService and this birdwatch does not know that
-        BirdWatch: with a label selector it may be another shard's, whose claim is not stale. Asked of the API
-        server, once per round while such a record is there (a claim or a Failed ending follows at once)."""
-        if record is None or record.uid == self.uid or record.done:
+        BirdWatch: with a label selector it may be another shard's, whose record is not stale. Asked of the API
+        server while such a record is there: another shard's rollout ends this one ``AlreadyManaged`` at once, and
+        an owner found gone is not asked about again (a uid never comes back), however many rounds this rollout
+        waits before its first step takes the VirtualService over."""
+        if record is None or record.uid == self.uid or record.done or record.uid == self._gone_owner:
             return None
         if self._ports.owners(self.namespace, record.birdwatch) is not None:
             return None
         try:
-            return await self._ports.kube.get(BIRDWATCHES, self.namespace, record.birdwatch)
+            owner = await self._ports.kube.get(BIRDWATCHES, self.namespace, record.birdwatch)
         except NotFound:
+            self._gone_owner = record.uid
             return None
+        if owner["metadata"].get("uid") != record.uid:
+            self._gone_owner = record.uid  # the name was taken again by a new BirdWatch
+        return owner
 
     def _other_owner(self, record: Record | None, fetched: Obj | None = None) -> str | None:
         """The BirdWatch whose rollout holds the VirtualService, if it is another one and its rollout goes on."""
@@ -255,7 +262,7 @@ class Canary:
             return None
         owner = self._ports.owners(self.namespace, record.birdwatch) or fetched
         if owner is None or owner["metadata"].get("uid") != record.uid:
-            return None  # the owner is gone: its claim is stale
+            return None  # the owner is gone: its record is stale
         owner_status = Status.parse(owner)
         generation = int(owner["metadata"].get("generation", 0))
         if (
